@@ -1,0 +1,97 @@
+"""Named MAR configurations (timm-style registry) and the model factory.
+
+A config is a plain dict of official ``MAR(...)`` keyword arguments; ``norm_layer`` is written as the
+registry name ``"layernorm_eps1e-6"`` so configs stay serialisable (JSON/YAML) and is turned into
+``functools.partial(nn.LayerNorm, eps=1e-6)`` when the model is built.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .mar import MAR
+
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "layernorm_eps1e-6": functools.partial(nn.LayerNorm, eps=1e-6),
+    "layernorm": nn.LayerNorm,
+}
+
+_MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
+
+
+def register_model_config(name: str, config: Mapping[str, Any]) -> None:
+    """Register a named MAR configuration (official constructor kwargs)."""
+    if not name.isidentifier():
+        raise ValueError(f"model name {name!r} must be an identifier")
+    if name in _MODEL_CONFIGS:
+        raise ValueError(f"model {name!r} is already registered")
+    unknown = set(config) - set(MAR.__init__.__code__.co_varnames)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown MAR arguments {sorted(unknown)}")
+    _MODEL_CONFIGS[name] = dict(config)
+
+
+def list_models() -> list[str]:
+    return sorted(_MODEL_CONFIGS)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The constructor kwargs of a registered model (a copy)."""
+    if name not in _MODEL_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return dict(_MODEL_CONFIGS[name])
+
+
+def resolve_norm_layer(value: Any) -> Callable[[int], nn.Module]:
+    """Accept a registry name, a ``{"callable": "torch.nn.LayerNorm", "eps": ...}`` spec, or a callable."""
+    if callable(value):
+        return value
+    if isinstance(value, str):
+        if value not in NORM_LAYERS:
+            raise ValueError(f"unknown norm_layer {value!r}; known: {', '.join(NORM_LAYERS)}")
+        return NORM_LAYERS[value]
+    if isinstance(value, Mapping) and value.get("callable") == "torch.nn.LayerNorm":
+        return functools.partial(nn.LayerNorm, eps=float(value.get("eps", 1e-5)))
+    raise ValueError(f"norm_layer must be a name ({', '.join(NORM_LAYERS)}) or a LayerNorm spec, got {value!r}")
+
+
+def create_model(name_or_kwargs: str | Mapping[str, Any], **overrides: Any) -> MAR:
+    """Build a randomly initialised MAR from a registered name or a dict of constructor kwargs.
+
+    Works under ``with torch.device("meta"):`` for shape-only uses (FLOP counting, key checks).
+    """
+    kwargs = model_config(name_or_kwargs) if isinstance(name_or_kwargs, str) else dict(name_or_kwargs)
+    kwargs.update(overrides)
+    if "norm_layer" in kwargs:
+        kwargs["norm_layer"] = resolve_norm_layer(kwargs["norm_layer"])
+    return MAR(**kwargs)
+
+
+_COMMON = dict(img_size=256, vae_stride=16, patch_size=1, mlp_ratio=4.0, norm_layer="layernorm_eps1e-6",
+               vae_embed_dim=16, class_num=1000, buffer_size=64, num_sampling_steps="100")
+
+# Released checkpoints use larger heads than the constructor default (diffloss_d=3, diffloss_w=1024).
+register_model_config("mar_base", dict(_COMMON, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                                       decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12,
+                                       diffloss_d=6, diffloss_w=1024))
+register_model_config("mar_large", dict(_COMMON, encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                                        decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+                                        diffloss_d=8, diffloss_w=1280))
+register_model_config("mar_huge", dict(_COMMON, encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                                       decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
+                                       diffloss_d=12, diffloss_w=1536))
+# A tiny configuration for tests and examples: 4x4 tokens of dim 16, two blocks each side.
+register_model_config("mar_tiny", dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=64, encoder_depth=2,
+                                       encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                                       mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=16, class_num=10,
+                                       buffer_size=64, diffloss_d=2, diffloss_w=64, num_sampling_steps="100"))
+
+
+def meta_model(name_or_kwargs: str | Mapping[str, Any]) -> MAR:
+    """Build on the meta device (no memory, no init cost): shapes only."""
+    with torch.device("meta"):
+        return create_model(name_or_kwargs)

@@ -1,0 +1,1 @@
+"""Built-in plugins (installed as ``marcache.plugins``). Official MAR behaviour lives here too."""
