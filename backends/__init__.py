@@ -1,1 +1,43 @@
-"""Execution backends (installed as ``marcache.backends``)."""
+"""Execution backends (installed as ``marcache.backends``).
+
+``reference``: eager PyTorch on CPU or CUDA (float32, or bf16/fp16 autocast). ``auto`` picks the
+best registered backend for the device. Backends implement :class:`~marcache.backends.base.Backend`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from marcache.errors import ConfigError
+
+from .base import Backend
+from .reference import ReferenceBackend
+
+BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"backend.device={device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"backend.device={device!r}: CUDA is not available on this machine; use cpu or auto")
+    return dev
+
+
+def get_backend(name: str = "auto", device: str = "auto", dtype: str = "float32") -> Backend:
+    """Instantiate a backend by name (``auto`` = the best one available for the device)."""
+    dev = resolve_device(device)
+    if name == "auto":
+        name = "reference"
+    if name not in BACKENDS:
+        raise ConfigError(f"backend.name={name!r}: unknown backend; available: auto, {', '.join(BACKENDS)}")
+    if dtype != "float32" and dev.type == "cpu" and dtype == "float16":
+        raise ConfigError("backend.dtype=float16 needs CUDA; on CPU use bfloat16 or float32")
+    return BACKENDS[name](dev, dtype)
+
+
+__all__ = ["Backend", "ReferenceBackend", "BACKENDS", "get_backend", "resolve_device"]

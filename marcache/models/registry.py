@@ -84,11 +84,12 @@ register_model_config("mar_large", dict(_COMMON, encoder_embed_dim=1024, encoder
 register_model_config("mar_huge", dict(_COMMON, encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
                                        decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
                                        diffloss_d=12, diffloss_w=1536))
-# A tiny configuration for tests and examples: 4x4 tokens of dim 16, two blocks each side.
-register_model_config("mar_tiny", dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=64, encoder_depth=2,
+# A tiny pixel-space configuration for tests and examples: a 16x16 grey image as 4x4 tokens of
+# 4x4 pixels (token dim 16, like KL-16), two blocks each side, a 2x64 head.
+register_model_config("mar_tiny", dict(img_size=16, vae_stride=1, patch_size=4, encoder_embed_dim=64, encoder_depth=2,
                                        encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                                       mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=16, class_num=10,
-                                       buffer_size=64, diffloss_d=2, diffloss_w=64, num_sampling_steps="100"))
+                                       mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=1, class_num=10,
+                                       buffer_size=16, diffloss_d=2, diffloss_w=64, num_sampling_steps="100"))
 
 
 def meta_model(name_or_kwargs: str | Mapping[str, Any]) -> MAR:

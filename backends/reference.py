@@ -1,0 +1,67 @@
+"""Reference backend: eager PyTorch, CPU or CUDA, float32 or bf16/fp16 autocast.
+
+This is the executable definition of every plan: other backends are tested against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from marcache.errors import ConfigError
+
+from .base import Backend
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def autocast(self):
+        """fp32: no autocast. bf16/fp16: autocast over the transformer and head (as official eval
+        runs fp16 autocast); token values, diffusion state and coefficients stay float32."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.dtype])
+
+    # ------------------------------------------------------------------ encoder / decoder
+    def class_embeddings(self, step) -> torch.Tensor:
+        gen, model = step.gen, step.gen.model
+        b = gen.batch_size
+        null = model.fake_latent.repeat(b, 1)
+        cond = model.class_emb(gen.labels) if gen.labels is not None else null
+        return torch.cat([cond, null]) if gen.guided else cond
+
+    def run_forward(self, step, plan) -> torch.Tensor:
+        if plan.mode != "full":
+            raise ConfigError(f"forward plan mode {plan.mode!r} (set by {plan.owner!r}) is not supported by the {self.name} backend")
+        model, gen = step.gen.model, step.gen
+        rows = 2 if gen.guided else 1
+        tokens = step.tokens.repeat(rows, 1, 1)
+        mask = step.mask.float().repeat(rows, 1)
+        with self.autocast():
+            x = model.forward_mae_encoder(tokens, mask, self.class_embeddings(step))
+            z = model.forward_mae_decoder(x, mask)
+        pred = step.mask_to_pred.repeat(rows, 1)
+        return z[pred].reshape(z.shape[0], -1, z.shape[-1]).float()
+
+    # ------------------------------------------------------------------ diffusion head
+    def run_head(self, step, z, plan, noise) -> torch.Tensor:
+        gen, head = step.gen, step.gen.model.diffloss
+        b, k, d = gen.batch_size, z.shape[1], z.shape[2]
+        c = noise.shape[-1]
+        # cfg_iter == 1 at a guided step: the reference samples with the plain net (cond rows only).
+        guided = gen.guided and step.cfg_scale != 1.0
+        z_cond = z[:b].reshape(b * k, d)
+        z_uncond = z[b:].reshape(b * k, d) if guided else None
+        flat_noise = noise.reshape(b * k, noise.shape[2], c)
+        out = torch.empty(b * k, c, device=z.device, dtype=torch.float32)
+        for count, rows in plan.groups():
+            cond = z_cond[rows] if not guided else torch.cat([z_cond[rows], z_uncond[rows]])
+            with self.autocast():
+                out[rows] = head.sample_with_noise(
+                    cond, flat_noise[rows, : count + 1], plan.temperature, step.cfg_scale if guided else 1.0, steps=count
+                ).float()
+        return out.reshape(b, k, c)

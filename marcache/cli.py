@@ -1,0 +1,173 @@
+"""The ``marcache`` command line.
+
+Every user error (bad YAML, unknown plugin, bad checkpoint, bad argument) prints one line
+``marcache: error: ...`` and exits with status 2; nothing is written before inputs are validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import ConfigError, MarcacheError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered model name (mar_base, mar_large, mar_huge, mar_tiny, ...)")
+    p.add_argument("--checkpoint", help="weights: official checkpoint-last.pth, a state dict or .safetensors")
+    p.add_argument("--weights", default="model_ema", choices=["model_ema", "model"], help="entry of an official checkpoint (default model_ema)")
+    p.add_argument("--vae", help="KL-16 VAE weights (kl16.ckpt / .safetensors) for latent models, or 'random'")
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="baseline", help="policy YAML file or shipped policy name (default baseline)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="policy overrides: sampler.num_iter=32, backend.dtype=bfloat16, <plugin>.<param>=v")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="marcache", description="Faithful, pluggable and accelerated MAR sampling.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate images with a policy")
+    _add_model_args(g)
+    _add_policy_args(g)
+    g.add_argument("--labels", help="comma-separated class ids (default: 0, 1, 2, ... cycling over classes)")
+    g.add_argument("--num-images", type=int, help="number of images (default: one per label, else 16)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--out", default="out", help="output folder (PNGs, grid.png, report.json)")
+    g.add_argument("--trace", action="store_true", help="also write trace_XXXXX.png per image (token roles per step)")
+    g.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("plugins", help="list the registered plugins and the hooks they implement")
+
+    pol = sub.add_parser("policy", help="validate or show a policy")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    for name, text in (("validate", "check a policy file; exit 2 with one line if invalid"), ("show", "print the resolved policy")):
+        q = pol_sub.add_parser(name, help=text)
+        q.add_argument("file")
+        q.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+def build_model(args):
+    from .loading import _fitting_configs, load_mar, read_state_dict
+
+    if args.model is None and args.checkpoint is None:
+        raise ConfigError("pass --model NAME (random weights unless --checkpoint) or --checkpoint FILE")
+    name = args.model
+    if name is None:  # infer the config from the checkpoint's shapes
+        fits = _fitting_configs(read_state_dict(args.checkpoint, args.weights))
+        if not fits:
+            raise ConfigError(f"{args.checkpoint}: its shapes fit no registered model; pass --model")
+        name = fits[0]
+    return name, load_mar(name, args.checkpoint, weights=args.weights)
+
+
+def build_vae(args, model):
+    from .images import uses_vae
+    from .loading import load_vae
+
+    if not uses_vae(model):
+        return None
+    if args.vae is None:
+        raise ConfigError("this model produces KL-16 latents: pass --vae kl16.ckpt (or --vae random for shape checks)")
+    return load_vae(None if args.vae == "random" else args.vae)
+
+
+def parse_labels(text: Optional[str], num_images: Optional[int], num_classes: int) -> list[int]:
+    if text:
+        try:
+            labels = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise ConfigError(f"--labels {text!r}: expected comma-separated integers, e.g. --labels 1,7,9") from None
+        if num_images is not None and len(labels) == 1:
+            labels = labels * num_images
+        return labels
+    n = num_images if num_images is not None else 16
+    return [i % num_classes for i in range(n)]
+
+
+def cmd_generate(args) -> int:
+    from .images import save_grid, save_pngs, to_uint8, tokens_to_images
+    from .policy import load_policy
+    from .scheduler import Sampler
+    from .trace import TraceRecorder
+
+    policy = load_policy(args.policy, args.overrides)
+    name, model = build_model(args)
+    vae = build_vae(args, model)
+    labels = parse_labels(args.labels, args.num_images, model.num_classes)
+    tracer = TraceRecorder() if args.trace else None
+    sampler = Sampler(model, policy, extra_plugins=[tracer] if tracer else [])
+    result = sampler.generate(labels=labels, num_images=args.num_images, seed=args.seed,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    images = to_uint8(tokens_to_images(model, result.tokens, vae))
+
+    out = Path(args.out)
+    names = [f"{i:05d}_class{lab}.png" for i, lab in zip(result.sample_ids.tolist(), labels)]
+    save_pngs(images, out, names)
+    save_grid(images, out / "grid.png")
+    if tracer:
+        for sid in result.sample_ids.tolist():
+            tracer.render(sid, (model.seq_h, model.seq_w), out / f"trace_{sid:05d}.png")
+    report = dict(result.report, model=name, checkpoint=args.checkpoint, seed=args.seed, labels=labels,
+                  batch_size=args.batch_size, images=names)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {len(names)} images, grid.png and report.json to {out} "
+          f"({report['images_per_second']:.2f} images/s, policy {policy.config.name})")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugin import available_plugins
+
+    for name, cls in available_plugins().items():
+        kind = "built-in" if cls.builtin else cls.__module__
+        hooks = ", ".join(h for h in cls.implemented_hooks() if h != "marcache_report")
+        print(f"{name:18s} [{', '.join(sorted(cls.families))}] ({kind})\n    {cls.description}\n    hooks: {hooks}")
+        if cls.conflicts:
+            print(f"    conflicts with: {', '.join(cls.conflicts)}")
+    return 0
+
+
+def cmd_policy(args) -> int:
+    from .policy import load_policy
+
+    policy = load_policy(args.file, args.overrides)
+    if args.policy_command == "validate":
+        names = [cls.name for cls, _ in policy.plugin_configs] or ["built-ins only"]
+        print(f"{policy.source}: valid ({', '.join(names)})")
+    else:
+        print(policy.to_yaml(), end="")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "policy": cmd_policy}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except MarcacheError as exc:
+        print(f"marcache: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("marcache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

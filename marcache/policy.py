@@ -1,0 +1,232 @@
+"""Policies: which plugins run, with which parameters, on which sampler settings (OmegaConf).
+
+A policy YAML::
+
+    name: lazymar
+    sampler: {num_iter: 64, cfg: 3.0, cfg_schedule: linear, temperature: 1.0, head_steps: null}
+    backend: {name: auto, dtype: float32}
+    plugins:                       # in the order they refine plans
+      - name: some_plugin
+        params: {warmup_steps: 5}
+    disable: []                    # built-ins to drop
+
+Everything is validated in struct mode: unknown keys, wrong types and out-of-range values raise
+:class:`~marcache.errors.ConfigError` with the file and the full key path. Plugin ``params`` are
+validated against each plugin's own ``Config`` dataclass. Overrides use ``key=value``:
+``sampler.num_iter=32``, ``backend.dtype=bfloat16`` or ``<plugin>.<param>=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError, PluginError
+from .plugin import Plugin, available_plugins, get_plugin_class
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class SamplerConfig:
+    """Official ``sample_tokens`` arguments (+ the head-step count)."""
+
+    num_iter: int = 64
+    cfg: float = 3.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    head_steps: Optional[int] = None  # None: the model's num_sampling_steps
+
+    def __post_init__(self):
+        _check(self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
+        _check(self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
+        _check(self.temperature > 0, "sampler.temperature", "must be > 0")
+        _check(self.head_steps is None or 1 <= self.head_steps <= 1000, "sampler.head_steps", "must be in [1, 1000] or null")
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"  # auto | reference | any registered backend
+    dtype: str = "float32"  # autocast dtype of the transformer and head: float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, "backend.dtype", f"must be one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class PluginSpec:
+    name: str = MISSING
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "policy"
+    description: str = ""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    plugins: List[PluginSpec] = field(default_factory=list)
+    disable: List[str] = field(default_factory=list)
+
+
+class _FieldError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+@dataclass
+class ResolvedPolicy:
+    """A validated policy: its config and the plugin instances (built-ins first, then the policy's)."""
+
+    config: PolicyConfig
+    source: str
+    plugin_configs: list = field(default_factory=list)  # [(class, config instance)] of the policy's plugins
+
+    def instantiate(self) -> list[Plugin]:
+        """Fresh plugin instances: enabled built-ins (fallbacks) followed by the policy's plugins."""
+        from marcache.plugins import DEFAULT_PLUGINS
+
+        plugins = available_plugins()
+        builtins = [plugins[n]() for n in DEFAULT_PLUGINS if n not in self.config.disable]
+        return builtins + [cls(cfg) for cls, cfg in self.plugin_configs]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self.config) | {
+            "plugins": [{"name": cls.name, "params": dataclasses.asdict(cfg)} for cls, cfg in self.plugin_configs]
+        }
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+def policy_path(name_or_path: str | os.PathLike) -> Path:
+    """A file path, or the name of a policy shipped in ``marcache.policies`` (``baseline``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    shipped = importlib.resources.files("marcache.policies") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = ", ".join(list_shipped_policies())
+    raise ConfigError(f"policy {str(name_or_path)!r}: no such file and no shipped policy of that name (shipped: {names})")
+
+
+def list_shipped_policies() -> list[str]:
+    root = importlib.resources.files("marcache.policies")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _fmt(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {msg}" if key else msg
+
+
+def load_policy(name_or_path: str | os.PathLike | None = "baseline", overrides: Optional[list[str]] = None) -> ResolvedPolicy:
+    """Load, override and validate a policy. Raises :class:`ConfigError` with one line on any problem."""
+    path = policy_path(name_or_path or "baseline")
+    src = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{src}: no such policy file")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come from PyYAML with several lines
+        raise ConfigError(f"{src}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raw = OmegaConf.create({})
+    if not OmegaConf.is_dict(raw):
+        raise ConfigError(f"{src}: a policy must be a mapping with keys sampler/backend/plugins/disable")
+    return resolve_policy(raw, src, overrides)
+
+
+def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[str]] = None) -> ResolvedPolicy:
+    """Validate a raw mapping (dict or DictConfig) as a policy."""
+    schema = OmegaConf.structured(PolicyConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_fmt(exc)}") from None
+    plugin_overrides = _apply_overrides(cfg, overrides or [], source)
+    try:
+        policy: PolicyConfig = OmegaConf.to_object(cfg)
+    except _FieldError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_fmt(exc)}") from None
+
+    known = available_plugins()
+    for name in policy.disable:
+        if name not in known or not known[name].builtin:
+            raise ConfigError(f"{source}: disable: {name!r} is not a built-in plugin (built-ins: {', '.join(n for n, c in known.items() if c.builtin)})")
+    resolved = ResolvedPolicy(policy, source)
+    listed = [spec.name for spec in policy.plugins]
+    for name in plugin_overrides:
+        if name not in listed:
+            raise ConfigError(f"{source}: override for plugin {name!r}, which the policy does not list (listed: {', '.join(listed) or 'none'})")
+    for i, spec in enumerate(policy.plugins):
+        try:
+            cls = get_plugin_class(spec.name)
+        except PluginError as exc:
+            raise ConfigError(f"{source}: plugins[{i}].name: {exc}") from None
+        if cls.builtin:
+            raise ConfigError(f"{source}: plugins[{i}]: {spec.name!r} is a built-in and always present; list only additional plugins")
+        params = dict(spec.params) | plugin_overrides.get(spec.name, {})
+        resolved.plugin_configs.append((cls, plugin_config(cls, params, f"{source}: plugins[{i}].params")))
+    return resolved
+
+
+def plugin_config(cls: type[Plugin], params: dict, where: str) -> Any:
+    """Validate ``params`` against ``cls.Config`` (unknown keys, types, ranges)."""
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cls.Config), params)
+        return OmegaConf.to_object(node)
+    except _FieldError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}.{_fmt(exc)}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _apply_overrides(cfg, overrides: list[str], source: str) -> dict[str, dict]:
+    """Apply ``sampler.*`` / ``backend.*`` / top-level overrides; return ``{plugin: {param: value}}``."""
+    plugin_params: dict[str, dict] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. sampler.num_iter=32")
+        key, value = item.split("=", 1)
+        head = key.split(".", 1)[0]
+        if head in ("sampler", "backend", "name", "description"):
+            try:
+                OmegaConf.update(cfg, key, _parse_value(value), merge=True)
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"override {item!r}: {_fmt(exc)}") from None
+        elif "." in key:
+            plugin, param = key.split(".", 1)
+            plugin_params.setdefault(plugin, {})[param] = _parse_value(value)
+        else:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}; use sampler.X, backend.X or <plugin>.<param>")
+    return plugin_params
+
+
+def _parse_value(value: str) -> Any:
+    """YAML scalar semantics for command-line values: ``32`` -> int, ``null`` -> None, ``a`` -> str."""
+    try:
+        return yaml.safe_load(value) if value != "" else value
+    except yaml.YAMLError:
+        return value

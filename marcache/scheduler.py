@@ -1,0 +1,248 @@
+"""The sampling loop. It lives here and nowhere else.
+
+Per batch: ``generation_start`` -> ``token_order`` -> ``step_schedule``; per step: masks from the
+order and the schedule -> ``cfg_scale`` -> ``forward_plan`` -> backend encoder/decoder ->
+``head_plan`` -> backend head -> write tokens -> ``step_end``; then ``generation_end`` and the report.
+
+With only the built-in plugins this is LTH14/mar's ``MAR.sample_tokens``. The one deliberate
+difference is randomness: instead of numpy's and torch's global generators, every sample owns a
+``torch.Generator`` seeded from ``(seed, sample index)``. It draws the sample's order, then at each
+step one ``[k, T + 1, C]`` block of head noise (index 0: initial ``x_T``; 1..T: the per-step draws).
+Hence the same seed gives the same images, and a batch of N equals N batches of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, PluginError
+from .plans import ForwardPlan, HeadPlan, StepRecord
+from .plugin import Plugin, build_plugin_manager
+from .policy import ResolvedPolicy, load_policy
+from .state import GenerationState, StepState
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """64-bit seed of sample ``index`` under the global ``seed`` (independent of batching and rank)."""
+    digest = hashlib.sha256(f"marcache:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generators(seed: int, sample_ids: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in sample_ids]
+
+
+@dataclass
+class GenerationResult:
+    """Tokens ``[N, L, C]`` of the generated samples, their labels and ids, and the run report."""
+
+    tokens: torch.Tensor
+    labels: Optional[torch.Tensor]
+    sample_ids: torch.Tensor
+    report: dict = field(default_factory=dict)
+
+
+class Sampler:
+    """A model + a policy + a backend, ready to generate.
+
+    ``extra_plugins`` are plugin instances added after the policy's (e.g. the tracer).
+    """
+
+    def __init__(self, model, policy: ResolvedPolicy | str | None = "baseline", backend=None,
+                 extra_plugins: Sequence[Plugin] = (), overrides: Optional[list[str]] = None):
+        from marcache.backends import get_backend
+
+        self.model = model.eval()
+        self.policy = policy if isinstance(policy, ResolvedPolicy) else load_policy(policy, overrides)
+        bcfg = self.policy.config.backend
+        self.backend = backend or get_backend(bcfg.name, bcfg.device, bcfg.dtype)
+        self.backend.prepare(self.model)
+        self.plugins = self.policy.instantiate() + list(extra_plugins)
+        self.pm = build_plugin_manager(self.plugins)
+        s = self.policy.config.sampler
+        self.head_steps = s.head_steps or len(self.model.diffloss.gen_diffusion.betas)
+        self.pm.hook.marcache_configure.call_historic(kwargs=dict(policy=self.policy.config, model=self.model))
+        self.step_log: list[dict] = []
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, labels: Optional[Sequence[int] | torch.Tensor] = None, num_images: Optional[int] = None,
+                 seed: int = 0, batch_size: int = 64, sample_offset: int = 0, progress: bool = False) -> GenerationResult:
+        """Generate ``num_images`` samples (or one per label). Sample ``i`` uses ids ``sample_offset + i``."""
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            num_images = len(labels) if num_images is None else num_images
+            if len(labels) != num_images:
+                raise ConfigError(f"--labels has {len(labels)} entries but --num-images is {num_images}")
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.model.num_classes):
+                raise ConfigError(f"--labels: class ids must be in [0, {self.model.num_classes - 1}]")
+        if not num_images or num_images < 1:
+            raise ConfigError("--num-images must be >= 1")
+        if batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        ids = torch.arange(sample_offset, sample_offset + num_images)
+        start = time.perf_counter()
+        self.step_log = []
+        chunks = []
+        batches = range(0, num_images, batch_size)
+        for self._batch_index, lo in enumerate(tqdm(batches, desc="batches", disable=not progress or len(batches) == 1, leave=False)):
+            hi = min(lo + batch_size, num_images)
+            chunks.append(self._generate_batch(None if labels is None else labels[lo:hi], ids[lo:hi], seed, progress))
+        tokens = torch.cat(chunks)
+        report = self._report(num_images, time.perf_counter() - start)
+        return GenerationResult(tokens, labels, ids, report)
+
+    # ------------------------------------------------------------------ the loop
+    def _generate_batch(self, labels, ids, seed, progress) -> torch.Tensor:
+        model, hook, sampler = self.model, self.pm.hook, self.policy.config.sampler
+        device = self.backend.device
+        gen = GenerationState(
+            model=model, labels=None if labels is None else labels.to(device), sample_ids=ids,
+            generators=sample_generators(seed, ids.tolist()), num_iter=sampler.num_iter, cfg=float(sampler.cfg),
+            cfg_schedule=sampler.cfg_schedule, temperature=float(sampler.temperature), head_steps=self.head_steps,
+            device=device,
+        )
+        b, seq_len, c = gen.batch_size, model.seq_len, model.token_embed_dim
+        hook.marcache_generation_start(gen=gen)
+        gen.orders = self._checked_order(hook.marcache_token_order(gen=gen), b, seq_len)
+        gen.tokens_per_step = self._checked_schedule(hook.marcache_step_schedule(gen=gen), seq_len)
+
+        tokens = torch.zeros(b, seq_len, c, device=device)
+        mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)
+        prev = torch.zeros_like(mask)
+        masked = seq_len
+        steps = tqdm(gen.tokens_per_step, desc="steps", disable=not progress, leave=False)
+        for index, count in enumerate(steps):
+            masked_after = masked - count
+            # tokens are revealed from the tail of each order: the first masked_after stay masked
+            mask_next = torch.zeros_like(mask).scatter_(1, gen.orders[:, :masked_after], True)
+            step = StepState(gen=gen, step=index, tokens=tokens, mask=mask, mask_to_pred=mask & ~mask_next,
+                             mask_next=mask_next, prev_mask_to_pred=prev, num_masked_after=max(masked_after, 1))
+            step.cfg_scale = self._cfg_scale(step)
+            forward = ForwardPlan(mode="", owner="")
+            hook.marcache_forward_plan(step=step, plan=forward)
+            if not forward.mode:
+                raise PluginError("no plugin planned the forward pass (is 'full_recompute' disabled without a replacement?)")
+            z = self.backend.run_forward(step, forward)
+            head = HeadPlan(steps=None, temperature=gen.temperature, owner="")
+            hook.marcache_head_plan(step=step, plan=head, z=z[:b])
+            self._check_head_plan(head, b, count)
+            noise = self._head_noise(gen, head.steps, c)
+            new_tokens = self.backend.run_head(step, z, head, noise)
+            tokens = tokens.clone()
+            tokens[step.mask_to_pred] = new_tokens.reshape(-1, c).to(tokens.dtype)
+            record = self._record(step, forward, head, z.shape[0])
+            hook.marcache_step_end(step=step, record=record)
+            self._log_step(record, head)
+            prev, mask, masked = step.mask_to_pred, mask_next, masked_after
+        hook.marcache_generation_end(gen=gen, tokens=tokens)
+        self._cache_peak = dict(gen.store.peak_bytes)
+        gen.store.clear()
+        return tokens.cpu()
+
+    # ------------------------------------------------------------------ helpers
+    def _cfg_scale(self, step: StepState) -> float:
+        if not step.gen.guided:
+            return 1.0
+        scale = self.pm.hook.marcache_cfg_scale(step=step)
+        if scale is None:
+            raise ConfigError(f"sampler.cfg_schedule={step.gen.cfg_schedule!r}: no plugin implements it (built-in: linear, constant)")
+        return float(scale)
+
+    @staticmethod
+    def _checked_order(orders, b, seq_len) -> torch.Tensor:
+        if orders is None or tuple(orders.shape) != (b, seq_len):
+            raise PluginError(f"token order must be a [{b}, {seq_len}] tensor, got {None if orders is None else tuple(orders.shape)}")
+        expected = torch.arange(seq_len, device=orders.device).expand(b, -1)
+        if not torch.equal(orders.sort(dim=1).values, expected):
+            raise PluginError("token order plugin returned something that is not a permutation per sample")
+        return orders.long()
+
+    @staticmethod
+    def _checked_schedule(counts, seq_len) -> list[int]:
+        if not counts or any(int(n) < 1 for n in counts) or sum(int(n) for n in counts) != seq_len:
+            raise PluginError(f"step schedule must be positive token counts summing to {seq_len}, got {counts}")
+        return [int(n) for n in counts]
+
+    @staticmethod
+    def _check_head_plan(plan: HeadPlan, b: int, k: int) -> None:
+        if plan.steps is None or tuple(plan.steps.shape) != (b, k) or int(plan.steps.min()) < 1:
+            raise PluginError(f"head plan (owner {plan.owner!r}) must give >= 1 step to each of [{b}, {k}] tokens")
+
+    @staticmethod
+    def _head_noise(gen: GenerationState, steps: torch.Tensor, channels: int) -> torch.Tensor:
+        """``[B, k, T_max + 1, C]``: each sample draws ``[k, T_sample + 1, C]`` from its own generator."""
+        b, k = steps.shape
+        t_max = int(steps.max())
+        noise = torch.zeros(b, k, t_max + 1, channels)
+        for i, g in enumerate(gen.generators):
+            t = int(steps[i].max())
+            noise[i, :, : t + 1] = torch.randn(k, t + 1, channels, generator=g)
+        return noise.to(gen.device)
+
+    @staticmethod
+    def _record(step: StepState, forward: ForwardPlan, head: HeadPlan, rows: int) -> StepRecord:
+        gen = step.gen
+        known = gen.seq_len - int(step.mask[0].sum())
+        head_rows = Counter()
+        per_chain = 2 if gen.guided and step.cfg_scale != 1.0 else 1
+        for count, idx in head.groups():
+            head_rows[count] += per_chain * len(idx)
+        return StepRecord(
+            step=step.step, encoder_tokens=gen.model.buffer_size + known,
+            decoder_tokens=gen.model.buffer_size + gen.seq_len, rows=rows, head_rows_by_steps=dict(head_rows),
+            predicted=step.mask_to_pred, recomputed=torch.ones_like(step.mask), cfg_scale=step.cfg_scale,
+            owners={"forward": forward.owner, "head": head.owner},
+        )
+
+    def _log_step(self, record: StepRecord, head: HeadPlan) -> None:
+        self.step_log.append({
+            "batch": self._batch_index, "step": record.step, "tokens": int(record.predicted[0].sum()), "cfg_scale": record.cfg_scale,
+            "encoder_tokens": record.encoder_tokens, "decoder_tokens": record.decoder_tokens, "rows": record.rows,
+            "head_rows_by_steps": {str(k): v for k, v in sorted(record.head_rows_by_steps.items())},
+            "owners": record.owners,
+        })
+
+    def _report(self, num_images: int, seconds: float) -> dict:
+        engagement: dict = {}
+        for section in self.pm.hook.marcache_report():
+            if section:
+                engagement.update(section)
+        silent = [p.name for p in self.plugins if not p.builtin and not p.engagement]
+        return {
+            "policy": self.policy.to_dict(),
+            "policy_source": self.policy.source,
+            "backend": self.backend.describe(),
+            "num_images": num_images,
+            "seconds": seconds,
+            "images_per_second": num_images / seconds if seconds > 0 else None,
+            "num_steps": 1 + max((s["step"] for s in self.step_log), default=-1),
+            "steps": self.step_log,
+            "engagement": engagement,
+            "never_engaged": silent,
+            "cache_peak_bytes": getattr(self, "_cache_peak", {}),
+        }
+
+
+def generate_tokens(model, labels=None, num_images: Optional[int] = None, num_iter: int = 64, cfg: float = 1.0,
+                    cfg_schedule: str = "linear", temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
+                    progress: bool = False, policy: str | ResolvedPolicy = "baseline", head_steps: Optional[int] = None) -> GenerationResult:
+    """Generate with the official sampler settings given as arguments (baseline policy by default)."""
+    overrides = [f"sampler.num_iter={num_iter}", f"sampler.cfg={cfg}", f"sampler.cfg_schedule={cfg_schedule}",
+                 f"sampler.temperature={temperature}", f"sampler.head_steps={'null' if head_steps is None else head_steps}"]
+    resolved = policy if isinstance(policy, ResolvedPolicy) else load_policy(policy, overrides)
+    sampler = Sampler(model, resolved, backend=_backend_for(model))
+    return sampler.generate(labels=labels, num_images=num_images, seed=seed, batch_size=batch_size, progress=progress)
+
+
+def _backend_for(model):
+    from marcache.backends import ReferenceBackend
+
+    return ReferenceBackend(next(model.parameters()).device)
