@@ -7,12 +7,17 @@ Every user error (bad YAML, unknown plugin, bad checkpoint, bad argument) prints
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import ConfigError, MarcacheError
+
+#: modules contributing subcommands: each defines ``add_parser(subparsers)``, which adds its parser
+#: (built with ``parser_class=_Parser`` semantics) and sets ``func`` to a ``run(args) -> int``.
+COMMAND_MODULES: list[str] = []
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate images with a policy")
+    g.set_defaults(func=cmd_generate)
     _add_model_args(g)
     _add_policy_args(g)
     g.add_argument("--labels", help="comma-separated class ids (default: 0, 1, 2, ... cycling over classes)")
@@ -49,14 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true", help="also write trace_XXXXX.png per image (token roles per step)")
     g.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("plugins", help="list the registered plugins and the hooks they implement")
+    sub.add_parser("plugins", help="list the registered plugins and the hooks they implement").set_defaults(func=cmd_plugins)
 
     pol = sub.add_parser("policy", help="validate or show a policy")
+    pol.set_defaults(func=cmd_policy)
     pol_sub = pol.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     for name, text in (("validate", "check a policy file; exit 2 with one line if invalid"), ("show", "print the resolved policy")):
         q = pol_sub.add_parser(name, help=text)
         q.add_argument("file")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -154,13 +163,10 @@ def cmd_policy(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "policy": cmd_policy}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except MarcacheError as exc:
         print(f"marcache: error: {exc}", file=sys.stderr)
         return 2

@@ -46,13 +46,35 @@ class HeadPlan:
         return [(int(c), (flat == c).nonzero(as_tuple=True)[0]) for c in torch.unique(flat).tolist()]
 
 
+@dataclass(frozen=True)
+class TransformerRun:
+    """``layers`` consecutive blocks run on ``rows`` sequences with ``queries`` query tokens each,
+    attending over ``keys`` keys (queries included). The unit of FLOP accounting."""
+
+    rows: int
+    queries: int
+    keys: int
+    layers: int
+
+
+def transformer_runs(step, plan: ForwardPlan) -> tuple[list[TransformerRun], list[TransformerRun]]:
+    """The encoder and decoder work a forward plan implies at ``step`` (what the backend executes)."""
+    gen, model = step.gen, step.gen.model
+    rows = 2 * gen.batch_size if gen.guided else gen.batch_size
+    if plan.mode == "full":
+        enc = model.buffer_size + gen.seq_len - int(step.mask[0].sum())
+        dec = model.buffer_size + gen.seq_len
+        return ([TransformerRun(rows, enc, enc, len(model.encoder_blocks))],
+                [TransformerRun(rows, dec, dec, len(model.decoder_blocks))])
+    raise ValueError(f"unknown forward plan mode {plan.mode!r}")
+
+
 @dataclass
 class StepRecord:
     """What actually ran at one step (for accounting, reports and traces).
 
     Attributes:
-        encoder_tokens: tokens the encoder processed per row (buffer included).
-        decoder_tokens: tokens the decoder processed per row (buffer included).
+        encoder_runs / decoder_runs: the transformer work executed (see :class:`TransformerRun`).
         rows: rows of the encoder/decoder batch (2B with CFG).
         head_rows_by_steps: ``{head steps: network rows per head step}`` (CFG pairs counted as 2).
         predicted: ``[B, L]`` positions predicted this step.
@@ -62,8 +84,8 @@ class StepRecord:
     """
 
     step: int
-    encoder_tokens: int
-    decoder_tokens: int
+    encoder_runs: list
+    decoder_runs: list
     rows: int
     head_rows_by_steps: dict
     predicted: torch.Tensor

@@ -3,7 +3,7 @@
 A policy YAML::
 
     name: lazymar
-    sampler: {num_iter: 64, cfg: 3.0, cfg_schedule: linear, temperature: 1.0, head_steps: null}
+    sampler: {num_iter: null, cfg: null, cfg_schedule: linear, temperature: null, head_steps: null}
     backend: {name: auto, dtype: float32}
     plugins:                       # in the order they refine plans
       - name: some_plugin
@@ -37,18 +37,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class SamplerConfig:
-    """Official ``sample_tokens`` arguments (+ the head-step count)."""
+    """Official ``sample_tokens`` arguments (+ the head-step count). ``null`` = the model's default
+    (registered per model: e.g. 64 steps and cfg 2.9 / 3.0 / 3.2 for MAR-B / L / H)."""
 
-    num_iter: int = 64
-    cfg: float = 3.0
-    cfg_schedule: str = "linear"
-    temperature: float = 1.0
+    num_iter: Optional[int] = None
+    cfg: Optional[float] = None
+    cfg_schedule: Optional[str] = None
+    temperature: Optional[float] = None
     head_steps: Optional[int] = None  # None: the model's num_sampling_steps
 
     def __post_init__(self):
-        _check(self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
-        _check(self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
-        _check(self.temperature > 0, "sampler.temperature", "must be > 0")
+        _check(self.num_iter is None or self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
+        _check(self.cfg is None or self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
+        _check(self.temperature is None or self.temperature > 0, "sampler.temperature", "must be > 0")
         _check(self.head_steps is None or 1 <= self.head_steps <= 1000, "sampler.head_steps", "must be in [1, 1000] or null")
 
 
@@ -92,6 +93,14 @@ def _check(ok: bool, key: str, message: str) -> None:
 @dataclass
 class ResolvedPolicy:
     """A validated policy: its config and the plugin instances (built-ins first, then the policy's)."""
+
+    def sampler_settings(self, model) -> dict:
+        """Sampler settings with nulls filled from the model's registered defaults."""
+        defaults = getattr(model, "sampling_defaults", None) or {}
+        s = self.config.sampler
+        out = {k: getattr(s, k) if getattr(s, k) is not None else defaults.get(k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")}
+        out["head_steps"] = s.head_steps or len(model.diffloss.gen_diffusion.betas)
+        return out
 
     config: PolicyConfig
     source: str

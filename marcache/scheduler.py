@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, PluginError
-from .plans import ForwardPlan, HeadPlan, StepRecord
+from .plans import ForwardPlan, HeadPlan, StepRecord, transformer_runs
 from .plugin import Plugin, build_plugin_manager
 from .policy import ResolvedPolicy, load_policy
 from .state import GenerationState, StepState
@@ -66,8 +66,7 @@ class Sampler:
         self.backend.prepare(self.model)
         self.plugins = self.policy.instantiate() + list(extra_plugins)
         self.pm = build_plugin_manager(self.plugins)
-        s = self.policy.config.sampler
-        self.head_steps = s.head_steps or len(self.model.diffloss.gen_diffusion.betas)
+        self.settings = self.policy.sampler_settings(self.model)
         self.pm.hook.marcache_configure.call_historic(kwargs=dict(policy=self.policy.config, model=self.model))
         self.step_log: list[dict] = []
 
@@ -101,12 +100,12 @@ class Sampler:
 
     # ------------------------------------------------------------------ the loop
     def _generate_batch(self, labels, ids, seed, progress) -> torch.Tensor:
-        model, hook, sampler = self.model, self.pm.hook, self.policy.config.sampler
+        model, hook, s = self.model, self.pm.hook, self.settings
         device = self.backend.device
         gen = GenerationState(
             model=model, labels=None if labels is None else labels.to(device), sample_ids=ids,
-            generators=sample_generators(seed, ids.tolist()), num_iter=sampler.num_iter, cfg=float(sampler.cfg),
-            cfg_schedule=sampler.cfg_schedule, temperature=float(sampler.temperature), head_steps=self.head_steps,
+            generators=sample_generators(seed, ids.tolist()), num_iter=int(s["num_iter"]), cfg=float(s["cfg"]),
+            cfg_schedule=s["cfg_schedule"], temperature=float(s["temperature"]), head_steps=int(s["head_steps"]),
             device=device,
         )
         b, seq_len, c = gen.batch_size, model.seq_len, model.token_embed_dim
@@ -190,14 +189,14 @@ class Sampler:
     @staticmethod
     def _record(step: StepState, forward: ForwardPlan, head: HeadPlan, rows: int) -> StepRecord:
         gen = step.gen
-        known = gen.seq_len - int(step.mask[0].sum())
+        encoder_runs, decoder_runs = transformer_runs(step, forward)
         head_rows = Counter()
         per_chain = 2 if gen.guided and step.cfg_scale != 1.0 else 1
         for count, idx in head.groups():
             head_rows[count] += per_chain * len(idx)
         return StepRecord(
-            step=step.step, encoder_tokens=gen.model.buffer_size + known,
-            decoder_tokens=gen.model.buffer_size + gen.seq_len, rows=rows, head_rows_by_steps=dict(head_rows),
+            step=step.step, encoder_runs=encoder_runs, decoder_runs=decoder_runs, rows=rows,
+            head_rows_by_steps=dict(head_rows),
             predicted=step.mask_to_pred, recomputed=torch.ones_like(step.mask), cfg_scale=step.cfg_scale,
             owners={"forward": forward.owner, "head": head.owner},
         )
@@ -205,7 +204,8 @@ class Sampler:
     def _log_step(self, record: StepRecord, head: HeadPlan) -> None:
         self.step_log.append({
             "batch": self._batch_index, "step": record.step, "tokens": int(record.predicted[0].sum()), "cfg_scale": record.cfg_scale,
-            "encoder_tokens": record.encoder_tokens, "decoder_tokens": record.decoder_tokens, "rows": record.rows,
+            "encoder": [vars(r) for r in record.encoder_runs], "decoder": [vars(r) for r in record.decoder_runs],
+            "rows": record.rows,
             "head_rows_by_steps": {str(k): v for k, v in sorted(record.head_rows_by_steps.items())},
             "owners": record.owners,
         })
@@ -219,6 +219,7 @@ class Sampler:
         return {
             "policy": self.policy.to_dict(),
             "policy_source": self.policy.source,
+            "sampler": self.settings,
             "backend": self.backend.describe(),
             "num_images": num_images,
             "seconds": seconds,

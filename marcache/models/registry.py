@@ -21,10 +21,13 @@ NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 _MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
+_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {}
+#: sampler settings used when a policy leaves them null (official sample_tokens defaults otherwise)
+OFFICIAL_SAMPLING = {"num_iter": 64, "cfg": 1.0, "cfg_schedule": "linear", "temperature": 1.0}
 
 
-def register_model_config(name: str, config: Mapping[str, Any]) -> None:
-    """Register a named MAR configuration (official constructor kwargs)."""
+def register_model_config(name: str, config: Mapping[str, Any], sampling: Mapping[str, Any] | None = None) -> None:
+    """Register a named MAR configuration (official constructor kwargs) and its sampler defaults."""
     if not name.isidentifier():
         raise ValueError(f"model name {name!r} must be an identifier")
     if name in _MODEL_CONFIGS:
@@ -32,7 +35,11 @@ def register_model_config(name: str, config: Mapping[str, Any]) -> None:
     unknown = set(config) - set(MAR.__init__.__code__.co_varnames)
     if unknown:
         raise ValueError(f"model {name!r}: unknown MAR arguments {sorted(unknown)}")
+    unknown = set(sampling or {}) - set(OFFICIAL_SAMPLING)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown sampling defaults {sorted(unknown)}")
     _MODEL_CONFIGS[name] = dict(config)
+    _SAMPLING_DEFAULTS[name] = dict(OFFICIAL_SAMPLING, **(sampling or {}))
 
 
 def list_models() -> list[str]:
@@ -68,7 +75,11 @@ def create_model(name_or_kwargs: str | Mapping[str, Any], **overrides: Any) -> M
     kwargs.update(overrides)
     if "norm_layer" in kwargs:
         kwargs["norm_layer"] = resolve_norm_layer(kwargs["norm_layer"])
-    return MAR(**kwargs)
+    model = MAR(**kwargs)
+    # sampler defaults for policies that leave num_iter / cfg / temperature null
+    model.sampling_defaults = dict(_SAMPLING_DEFAULTS.get(name_or_kwargs, OFFICIAL_SAMPLING)) if isinstance(name_or_kwargs, str) else dict(OFFICIAL_SAMPLING)
+    model.config_name = name_or_kwargs if isinstance(name_or_kwargs, str) else None
+    return model
 
 
 _COMMON = dict(img_size=256, vae_stride=16, patch_size=1, mlp_ratio=4.0, norm_layer="layernorm_eps1e-6",
@@ -77,19 +88,23 @@ _COMMON = dict(img_size=256, vae_stride=16, patch_size=1, mlp_ratio=4.0, norm_la
 # Released checkpoints use larger heads than the constructor default (diffloss_d=3, diffloss_w=1024).
 register_model_config("mar_base", dict(_COMMON, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                                        decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12,
-                                       diffloss_d=6, diffloss_w=1024))
+                                       diffloss_d=6, diffloss_w=1024),
+                      sampling=dict(num_iter=64, cfg=2.9))
 register_model_config("mar_large", dict(_COMMON, encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
                                         decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
-                                        diffloss_d=8, diffloss_w=1280))
+                                        diffloss_d=8, diffloss_w=1280),
+                      sampling=dict(num_iter=64, cfg=3.0))
 register_model_config("mar_huge", dict(_COMMON, encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
                                        decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
-                                       diffloss_d=12, diffloss_w=1536))
+                                       diffloss_d=12, diffloss_w=1536),
+                      sampling=dict(num_iter=64, cfg=3.2))
 # A tiny pixel-space configuration for tests and examples: a 16x16 grey image as 4x4 tokens of
 # 4x4 pixels (token dim 16, like KL-16), two blocks each side, a 2x64 head.
 register_model_config("mar_tiny", dict(img_size=16, vae_stride=1, patch_size=4, encoder_embed_dim=64, encoder_depth=2,
                                        encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                                        mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=1, class_num=10,
-                                       buffer_size=16, diffloss_d=2, diffloss_w=64, num_sampling_steps="100"))
+                                       buffer_size=16, diffloss_d=2, diffloss_w=64, num_sampling_steps="100"),
+                      sampling=dict(num_iter=8, cfg=3.0))
 
 
 def meta_model(name_or_kwargs: str | Mapping[str, Any]) -> MAR:
