@@ -17,6 +17,7 @@ A policy can drop one with ``disable: [name]`` and replace it with its own.
 """
 
 from . import cfg_schedules, cosine_schedule, ddpm_head, full_recompute, random_order  # noqa: F401  (register)
+from . import flop_counter  # noqa: F401,E402  (FLOPs section of every report; marcache.flops)
 from marcache import trace  # noqa: F401,E402  (the --trace recorder registers as "trace")
 
-DEFAULT_PLUGINS = ("random_order", "cosine_schedule", "linear_cfg", "constant_cfg", "full_recompute", "ddpm_head")
+DEFAULT_PLUGINS = ("random_order", "cosine_schedule", "linear_cfg", "constant_cfg", "full_recompute", "ddpm_head", "flop_counter")
