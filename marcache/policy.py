@@ -50,7 +50,8 @@ class SamplerConfig:
         _check(self.num_iter is None or self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
         _check(self.cfg is None or self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
         _check(self.temperature is None or self.temperature > 0, "sampler.temperature", "must be > 0")
-        _check(self.head_steps is None or 1 <= self.head_steps <= 1000, "sampler.head_steps", "must be in [1, 1000] or null")
+        # the reference's 1-step respacing has an empty posterior table and crashes: 2 is the minimum
+        _check(self.head_steps is None or 2 <= self.head_steps <= 1000, "sampler.head_steps", "must be in [2, 1000] or null")
 
 
 @dataclass

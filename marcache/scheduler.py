@@ -172,8 +172,8 @@ class Sampler:
 
     @staticmethod
     def _check_head_plan(plan: HeadPlan, b: int, k: int) -> None:
-        if plan.steps is None or tuple(plan.steps.shape) != (b, k) or int(plan.steps.min()) < 1:
-            raise PluginError(f"head plan (owner {plan.owner!r}) must give >= 1 step to each of [{b}, {k}] tokens")
+        if plan.steps is None or tuple(plan.steps.shape) != (b, k) or not 2 <= int(plan.steps.min()) <= int(plan.steps.max()) <= 1000:
+            raise PluginError(f"head plan (owner {plan.owner!r}) must give 2..1000 DDPM steps to each of [{b}, {k}] tokens")
 
     @staticmethod
     def _head_noise(gen: GenerationState, steps: torch.Tensor, channels: int) -> torch.Tensor:
