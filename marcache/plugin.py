@@ -206,8 +206,11 @@ def build_plugin_manager(plugins: list[Plugin]) -> MarcachePluginManager:
             raise PluginError(f"plugin {plugin.name!r}: {str(exc).splitlines()[0]}") from None
         except ValueError as exc:
             raise PluginError(f"plugin {plugin.name!r} listed twice in the policy ({exc})") from None
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{str(exc).splitlines()[0]}; check the spelling against marcache/hookspecs.py") from None
+    for plugin in plugins:  # pm.check_pending(), with the plugin's name and a suggestion
+        for hook in plugin.implemented_hooks():
+            if hook not in _all_spec_names():
+                close = difflib.get_close_matches(hook, _all_spec_names(), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise PluginError(f"plugin {plugin.name!r}: unknown hook {hook}{hint}; hooks are listed in marcache/hookspecs.py")
+    pm.check_pending()
     return pm

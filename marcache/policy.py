@@ -29,7 +29,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, MarcacheError, PluginError
 from .plugin import Plugin, available_plugins, get_plugin_class
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -209,7 +209,7 @@ def plugin_config(cls: type[Plugin], params: dict, where: str) -> Any:
         raise ConfigError(f"{where}.{exc}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}.{_fmt(exc)}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, MarcacheError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 

@@ -31,6 +31,7 @@ class StepRecorder(Plugin):
     @hookimpl
     def marcache_step_end(self, step, record):
         self.steps.append((step, record))
+        self.engagement["steps"] += 1
 
 
 @functools.lru_cache(maxsize=None)

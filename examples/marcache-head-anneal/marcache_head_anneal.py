@@ -1,0 +1,44 @@
+"""A third-party marcache plugin: anneal the diffusion-head steps linearly over the MAR steps.
+
+DiSA (arXiv 2505.20297) observes that late tokens need far fewer head steps than early ones. This
+plugin implements its linear variant: step ``s`` of ``S`` gives every token
+``round(start + (end - start) * s / (S - 1))`` DDPM steps.
+
+Install with ``pip install -e examples/marcache-head-anneal``; marcache finds it through the
+``marcache`` entry-point group, and a policy enables it with::
+
+    plugins:
+      - name: head_anneal
+        params: {start: 50, end: 5}
+"""
+
+from dataclasses import dataclass
+
+from marcache.hookspecs import hookimpl
+from marcache.plugin import Plugin
+
+
+@dataclass
+class HeadAnnealConfig:
+    start: int = 50  # head steps at the first MAR step
+    end: int = 5  # head steps at the last MAR step
+
+    def __post_init__(self):
+        if not (2 <= self.end <= 1000 and 2 <= self.start <= 1000):
+            # a ValueError from a config reaches the user as one line naming the policy key
+            raise ValueError(f"start={self.start}, end={self.end}: both must be in [2, 1000]")
+
+
+class HeadAnneal(Plugin):
+    name = "head_anneal"
+    families = frozenset({"head"})  # it refines the head plan
+    Config = HeadAnnealConfig
+    description = "linear head-step annealing over MAR steps (DiSA)"
+
+    @hookimpl
+    def marcache_head_plan(self, step, plan, z):
+        last = max(step.num_steps - 1, 1)
+        count = round(self.config.start + (self.config.end - self.config.start) * step.step / last)
+        plan.steps.fill_(count)  # the built-in ddpm_head laid down the full budget first
+        plan.owner = self.name
+        self.engagement["head_steps_total"] += count * plan.steps.numel()
