@@ -58,10 +58,11 @@ class ReferenceBackend(Backend):
         z_uncond = z[b:].reshape(b * k, d) if guided else None
         flat_noise = noise.reshape(b * k, noise.shape[2], c)
         out = torch.empty(b * k, c, device=z.device, dtype=torch.float32)
+        sample = plan.chain_cache.sample if plan.chain_cache is not None else None
         for count, rows in plan.groups():
             cond = z_cond[rows] if not guided else torch.cat([z_cond[rows], z_uncond[rows]])
+            args = (cond, flat_noise[rows, : count + 1], plan.temperature, step.cfg_scale if guided else 1.0)
             with self.autocast():
-                out[rows] = head.sample_with_noise(
-                    cond, flat_noise[rows, : count + 1], plan.temperature, step.cfg_scale if guided else 1.0, steps=count
-                ).float()
+                chain = sample(head, *args, steps=count) if sample else head.sample_with_noise(*args, steps=count)
+            out[rows] = chain.float()
         return out.reshape(b, k, c)

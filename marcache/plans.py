@@ -34,11 +34,15 @@ class HeadPlan:
             chains, grouped by count (no per-token loop).
         temperature: scales only the per-step noise.
         owner: plugin that last changed the budgets.
+        chain_cache: optional per-head-step caching inside each chain (LazyMAR's head caches): an
+            object with ``sample(diffloss, z, noise, temperature, cfg, steps) -> [N, C]`` executed
+            by the backend in place of the plain chain; ``None`` = the official chain.
     """
 
     steps: torch.Tensor
     temperature: float = 1.0
     owner: str = "ddpm_head"
+    chain_cache: Optional[object] = None
 
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """``[(count, flat row indices into the [B*k] rows), ...]`` in ascending count."""
