@@ -17,7 +17,7 @@ from .errors import ConfigError, MarcacheError
 
 #: modules contributing subcommands: each defines ``add_parser(subparsers)``, which adds its parser
 #: (built with ``parser_class=_Parser`` semantics) and sets ``func`` to a ``run(args) -> int``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["marcache.flops", "marcache.bench"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -557,9 +557,7 @@ def _sampler_overrides(args) -> list[str]:
         if args.cfg < 1.0:
             raise ConfigError("--cfg must be >= 1.0 (1.0 disables guidance)")
         out.append(f"sampler.cfg={args.cfg}")
-    if args.head_steps is not None:
-        if not 1 <= args.head_steps <= 1000:
-            raise ConfigError("--head-steps must be in [1, 1000]")
+    if args.head_steps is not None:  # range checked by the policy schema
         out.append(f"sampler.head_steps={args.head_steps}")
     return out
 
