@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from marcache.cli import main
+import marcache.cli as cli
 from marcache.flops import (CostModel, FlopAccumulator, ShapeOnlyBackend, compare_with_baseline, cost_model_for,
                             flop_counter_mode, policy_flops, record_flops)
 from marcache.models import create_model, meta_model
@@ -30,6 +30,16 @@ def head_pass_flops() -> int:
     cond = D * W
     trunk = C * W + HEAD_DEPTH * (2 * W * W + 3 * W * W) + 2 * W * W + W * 2 * C
     return 2 * (time_mlp + cond + trunk)
+
+
+@pytest.fixture(autouse=True)
+def _only_our_commands(monkeypatch):
+    # the CLI parser imports every registered command module; keep this test independent of others'
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["marcache.flops", "marcache.bench"])
+
+
+def main(argv):
+    return cli.main(argv)
 
 
 @pytest.fixture(scope="module")
