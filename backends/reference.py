@@ -35,17 +35,36 @@ class ReferenceBackend(Backend):
         return torch.cat([cond, null]) if gen.guided else cond
 
     def run_forward(self, step, plan) -> torch.Tensor:
-        if plan.mode != "full":
-            raise ConfigError(f"forward plan mode {plan.mode!r} (set by {plan.owner!r}) is not supported by the {self.name} backend")
         model, gen = step.gen.model, step.gen
         rows = 2 if gen.guided else 1
         tokens = step.tokens.repeat(rows, 1, 1)
         mask = step.mask.float().repeat(rows, 1)
+        class_emb = self.class_embeddings(step)
         with self.autocast():
-            x = model.forward_mae_encoder(tokens, mask, self.class_embeddings(step))
-            z = model.forward_mae_decoder(x, mask)
+            if plan.mode == "full":
+                x = model.forward_mae_encoder(tokens, mask, class_emb)
+                z = model.forward_mae_decoder(x, mask)
+            elif plan.mode == "cached":
+                z = model.decoder_output(self._cached_states(step, plan, tokens, mask, class_emb))
+            else:
+                raise ConfigError(f"forward plan mode {plan.mode!r} (set by {plan.owner!r}) is not supported by the {self.name} backend")
         pred = step.mask_to_pred.repeat(rows, 1)
         return z[pred].reshape(z.shape[0], -1, z.shape[-1]).float()
+
+    @staticmethod
+    def _cached_states(step, plan, tokens, mask, class_emb) -> torch.Tensor:
+        """Pre-norm decoder states of every row from a partial pass (and the condition cache)."""
+        from marcache.models.partial import cached_forward
+
+        model, gen, cache = step.gen.model, step.gen, plan.cache
+        b, total = gen.batch_size, tokens.shape[0]
+        if not cache.ready:
+            cache.allocate(model, total, tokens.device)
+        run = slice(0, b) if plan.branches == "cond" else slice(0, total)
+        states = cached_forward(model, tokens[run], mask[run], class_emb[run], cache, plan.spec, run)
+        if plan.branches == "cond" and gen.guided:
+            states = torch.cat([states, states + plan.cond_diff.to(states.dtype)])
+        return states
 
     # ------------------------------------------------------------------ diffusion head
     def run_head(self, step, z, plan, noise) -> torch.Tensor:

@@ -18,10 +18,20 @@ class ForwardPlan:
 
     ``mode="full"``: the official path: the encoder runs on the buffer and every known token, the
     decoder on all buffer + L positions, for every row of the (CFG-doubled) batch.
+
+    ``mode="cached"``: a partial pass (:func:`marcache.models.partial.cached_forward`) over the
+    generation's :class:`~marcache.models.partial.FeatureCache` (``cache``), computing only the query
+    positions of ``spec`` and reusing cached K/V and decoder inputs elsewhere. With
+    ``branches="cond"`` only the conditional rows run and the unconditional pre-norm decoder states
+    are rebuilt as ``cond + cond_diff`` (LazyMAR's condition cache).
     """
 
     mode: str = "full"
     owner: str = "full_recompute"
+    cache: Optional[object] = None
+    spec: Optional[object] = None  # CachedPass
+    branches: str = "both"
+    cond_diff: Optional[torch.Tensor] = None  # [B, P, D]
 
 
 @dataclass
@@ -53,24 +63,42 @@ class HeadPlan:
 @dataclass(frozen=True)
 class TransformerRun:
     """``layers`` consecutive blocks run on ``rows`` sequences with ``queries`` query tokens each,
-    attending over ``keys`` keys (queries included). The unit of FLOP accounting."""
+    attending over ``keys`` keys (queries included; ``keys - queries`` of them cached). The unit of
+    FLOP accounting. ``mlp_queries`` (default: ``queries``) is the number of tokens that continue
+    through the MLP half when a block is narrowed between its attention and MLP (LazyMAR)."""
 
     rows: int
     queries: int
     keys: int
     layers: int
+    mlp_queries: Optional[int] = None
 
 
 def transformer_runs(step, plan: ForwardPlan) -> tuple[list[TransformerRun], list[TransformerRun]]:
     """The encoder and decoder work a forward plan implies at ``step`` (what the backend executes)."""
     gen, model = step.gen, step.gen.model
     rows = 2 * gen.batch_size if gen.guided else gen.batch_size
+    enc = model.buffer_size + gen.seq_len - int(step.mask[0].sum())
+    dec = model.buffer_size + gen.seq_len
+    n_enc, n_dec = len(model.encoder_blocks), len(model.decoder_blocks)
     if plan.mode == "full":
-        enc = model.buffer_size + gen.seq_len - int(step.mask[0].sum())
-        dec = model.buffer_size + gen.seq_len
-        return ([TransformerRun(rows, enc, enc, len(model.encoder_blocks))],
-                [TransformerRun(rows, dec, dec, len(model.decoder_blocks))])
-    raise ValueError(f"unknown forward plan mode {plan.mode!r}")
+        return [TransformerRun(rows, enc, enc, n_enc)], [TransformerRun(rows, dec, dec, n_dec)]
+    if plan.mode != "cached":
+        raise ValueError(f"unknown forward plan mode {plan.mode!r}")
+    spec = plan.spec
+    if plan.branches == "cond":
+        rows = gen.batch_size
+    enc_q = enc if spec.encoder_queries is None else int(spec.encoder_queries.shape[1])
+    dec_q = dec if spec.decoder_queries is None else int(spec.decoder_queries.shape[1])
+    encoder = [TransformerRun(rows, enc_q, enc, n_enc)]
+    sel = spec.selection
+    if sel is None:
+        return encoder, [TransformerRun(rows, dec_q, dec, n_dec)]
+    keep = min(sel.keep, dec_q)
+    decoder = [TransformerRun(rows, dec_q, dec, sel.layer), TransformerRun(rows, dec_q, dec, 1, mlp_queries=keep)]
+    if n_dec - sel.layer - 1 > 0:
+        decoder.append(TransformerRun(rows, keep, dec, n_dec - sel.layer - 1))
+    return encoder, [r for r in decoder if r.layers > 0]
 
 
 @dataclass

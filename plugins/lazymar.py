@@ -1,0 +1,173 @@
+"""LazyMAR (arXiv 2503.12450, feihongyan1/LazyMAR): token cache and condition cache.
+
+Step types: step ``s`` is *full* if ``s < warmup_steps`` or ``(s - warmup_steps) % refresh_interval == 0``
+(released: 5 and 9, i.e. {0..5, 14, 23, 32, 41, 50, 59} at 64 steps); other steps are *lazy*.
+
+* ``lazymar_token_cache``: full steps recompute everything and refill the per-layer K/V caches, the
+  decoder-input cache and the selection layer's values. Lazy steps run the encoder only on the buffer
+  and the tokens decoded at the previous step (other known tokens contribute cached K/V and cached
+  decoder inputs); the decoder runs every position up to the attention of ``selection_layer``, then
+  keeps per sample the ``k`` positions whose values changed most since the previous step (mean over
+  heads of cos(V_now, V_prev)), always including this step's and the previous step's predictions;
+  ``k = max(|to_pred| + |prev_pred| + forced_margin, floor(P * keep_ratio(s)))``.
+* ``lazymar_cond_cache``: full steps store ``h_uncond - h_cond`` (decoder states before
+  ``decoder_norm``, every position); lazy steps run only the conditional rows and rebuild the
+  unconditional ones as ``h_cond + diff``. Inactive without guidance (cfg = 1).
+
+The 64-entry keep-ratio table is applied by step progress (``table[floor(64 * s / T)]``): exactly the
+released table at T = 64, a stretched one at other step counts. One deliberate difference: forced
+positions are ranked below every cosine (the released code gives them score 0, so a token with a
+negative cosine could displace one, which its +15 margin makes unlikely): a predicted token is always
+recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from marcache.errors import ConfigError
+from marcache.hookspecs import hookimpl
+from marcache.models.partial import CachedPass, TokenSelection, shared_feature_cache
+from marcache.plugin import Plugin, register_plugin
+
+#: RETAIN_RATIO_SCHEDULE of the released code (64 MAR steps)
+RELEASED_KEEP_RATIOS = [1.0] * 20 + [0.6] + [0.5] * 4 + [0.4] * 5 + [0.15] * 5 + [0.12] * 5 + [0.05] * 24
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def is_full_step(step: int, warmup: int, refresh: int) -> bool:
+    return step < warmup or (step - warmup) % refresh == 0
+
+
+def keep_ratio(table: List[float], step: int, num_steps: int) -> float:
+    """The table entry for this step's progress (identical to indexing by step when T == len(table))."""
+    return table[min(len(table) - 1, (step * len(table)) // num_steps)]
+
+
+@dataclass
+class LazyScheduleConfig:
+    warmup_steps: int = 5
+    refresh_interval: int = 9
+
+    def __post_init__(self):
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 1 (the first step builds the caches)")
+        if self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval={self.refresh_interval}: must be >= 1")
+
+
+@dataclass
+class LazyMARTokenCacheConfig(LazyScheduleConfig):
+    selection_layer: int = 3
+    forced_margin: int = 15
+    keep_ratios: List[float] = field(default_factory=lambda: list(RELEASED_KEEP_RATIOS))
+    cache_dtype: str = "float16"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.selection_layer < 0:
+            raise ValueError(f"selection_layer={self.selection_layer}: must be >= 0")
+        if self.forced_margin < 0:
+            raise ValueError(f"forced_margin={self.forced_margin}: must be >= 0")
+        if not self.keep_ratios or any(not 0.0 < r <= 1.0 for r in self.keep_ratios):
+            raise ValueError("keep_ratios: a non-empty list of ratios in (0, 1]")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r}: one of {', '.join(CACHE_DTYPES)}")
+
+
+def _check_schedules_agree(policy, plugin) -> None:
+    """Token and condition caches share step types (a condition refresh needs a full pass)."""
+    others = {p.name: p.params for p in policy.plugins}
+    other = {"lazymar_token_cache": "lazymar_cond_cache", "lazymar_cond_cache": "lazymar_token_cache"}[plugin.name]
+    if other in others:
+        for key in ("warmup_steps", "refresh_interval"):
+            mine = getattr(plugin.config, key)
+            theirs = others[other].get(key, getattr(LazyScheduleConfig(), key))
+            if mine != theirs:
+                raise ConfigError(f"{plugin.name}.{key}={mine} differs from {other}.{key}={theirs}: LazyMAR's caches share step types")
+
+
+@register_plugin
+class LazyMARTokenCache(Plugin):
+    name = "lazymar_token_cache"
+    families = frozenset({"features"})
+    conflicts = ("recap",)
+    Config = LazyMARTokenCacheConfig
+    description = "LazyMAR token cache: incremental encoder K/V, similarity-selected decoder recomputation"
+
+    @hookimpl
+    def marcache_configure(self, policy, model):
+        if self.config.selection_layer >= len(model.decoder_blocks):
+            raise ConfigError(f"lazymar_token_cache.selection_layer={self.config.selection_layer}: the decoder has "
+                              f"{len(model.decoder_blocks)} blocks (0-based layer index)")
+        _check_schedules_agree(policy, self)
+
+    @hookimpl
+    def marcache_forward_plan(self, step, plan):
+        cfg = self.config
+        model = step.gen.model
+        buf, positions = model.buffer_size, model.buffer_size + model.seq_len
+        plan.mode, plan.owner = "cached", self.name
+        plan.cache = shared_feature_cache(step.store, CACHE_DTYPES[cfg.cache_dtype])
+        if is_full_step(step.step, cfg.warmup_steps, cfg.refresh_interval):
+            # full pass: refill every cache, record the selection layer's values (keep = all)
+            forced = torch.zeros(step.gen.batch_size, positions, dtype=torch.bool, device=step.mask.device)
+            plan.spec = CachedPass(selection=TokenSelection(cfg.selection_layer, positions, forced))
+            self.engagement["full_steps"] += 1
+            return
+        n_pred, n_prev = step.tokens_this_step, int(step.prev_mask_to_pred[0].sum())
+        keep = max(n_pred + n_prev + cfg.forced_margin, math.floor(positions * keep_ratio(cfg.keep_ratios, step.step, step.num_steps)))
+        b = step.gen.batch_size
+        buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
+        prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
+        forced = model.with_buffer(step.mask_to_pred | step.prev_mask_to_pred)
+        plan.spec = CachedPass(encoder_queries=torch.cat([buffer, prev], dim=1),
+                               selection=TokenSelection(cfg.selection_layer, min(keep, positions), forced))
+        self.engagement["lazy_steps"] += 1
+        self.engagement["decoder_tokens_recomputed"] += min(keep, positions)
+        self.engagement["decoder_tokens_total"] += positions
+
+    def report_section(self) -> dict:
+        out = dict(self.engagement)
+        if out.get("decoder_tokens_total"):
+            out["decoder_recompute_fraction_lazy"] = out["decoder_tokens_recomputed"] / out["decoder_tokens_total"]
+        return out
+
+
+@register_plugin
+class LazyMARCondCache(Plugin):
+    name = "lazymar_cond_cache"
+    families = frozenset({"cfg_reuse"})
+    conflicts = ("recap",)
+    Config = LazyScheduleConfig
+    description = "LazyMAR condition cache: lazy steps run the conditional branch only (uncond = cond + cached diff)"
+
+    @hookimpl
+    def marcache_configure(self, policy, model):
+        _check_schedules_agree(policy, self)
+
+    @hookimpl
+    def marcache_forward_plan(self, step, plan):
+        if not step.gen.guided:
+            self.engagement["inactive_without_guidance"] += 1
+            return
+        if plan.mode == "full":  # alone: the official path cannot run one branch; use a full cached pass
+            plan.mode, plan.spec = "cached", CachedPass()
+            plan.cache = shared_feature_cache(step.store)
+        if is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+            self.engagement["full_steps"] += 1
+            return
+        diff = step.store.get(self.name, "diff")
+        plan.branches, plan.cond_diff, plan.owner = "cond", diff, self.name
+        self.engagement["cond_only_steps"] += 1
+
+    @hookimpl
+    def marcache_step_end(self, step, record):
+        if step.gen.guided and is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+            cache = step.store.get("features", "cache")
+            b = step.gen.batch_size
+            step.store.put(self.name, "diff", cache.prenorm[b:] - cache.prenorm[:b])

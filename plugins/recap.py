@@ -1,0 +1,98 @@
+"""ReCAP (arXiv 2505.19089, liebenxj/ReCAP): cheap local steps that reuse cached context K/V.
+
+After ``warmup_steps`` ordinary full steps (default: half the steps, as released for MAR), steps come
+in groups of one Full-FE and ``local_per_group`` Local-FEs. The Full-FE is a full pass that refills
+every layer's K/V (encoder and decoder, both CFG branches). A Local-FE runs the network only on the
+group: the encoder on the buffer + the tokens decoded at the previous step, the decoder on the buffer
++ every target position of the group (decoded ones with their fresh encoding, the rest as mask
+tokens), attending to the cached K/V of every other position. The buffer is always recomputed.
+
+The released code samples Local-FE tokens with a smaller head: its ``--diff_fast_ratio 0.4`` flag is
+parsed as a string and the sampler is built before it is read, so **50 of 100** head steps are what
+actually runs; ``local_head_steps`` defaults to that effective value (40 is the intended one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from marcache.hookspecs import hookimpl
+from marcache.models.partial import CachedPass, shared_feature_cache
+from marcache.plugin import Plugin, register_plugin
+
+
+@dataclass
+class ReCAPConfig:
+    warmup_steps: Optional[int] = None  # ordinary full steps first; None = half of the steps
+    local_per_group: int = 1  # k Local-FEs after each Full-FE
+    local_head_steps: Optional[int] = 50  # head steps for tokens sampled in Local-FEs; None = unchanged
+
+    def __post_init__(self):
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0 or null")
+        if self.local_per_group < 0:
+            raise ValueError(f"local_per_group={self.local_per_group}: must be >= 0")
+        if self.local_head_steps is not None and not 2 <= self.local_head_steps <= 1000:
+            raise ValueError(f"local_head_steps={self.local_head_steps}: must be in [2, 1000] or null")
+
+
+def step_kind(step: int, num_steps: int, cfg: ReCAPConfig) -> tuple[str, int]:
+    """``("warmup" | "full" | "local", first step of the group)``."""
+    warmup = num_steps // 2 if cfg.warmup_steps is None else cfg.warmup_steps
+    if step < warmup or cfg.local_per_group == 0:
+        return "warmup", step
+    offset = (step - warmup) % (cfg.local_per_group + 1)
+    return ("full" if offset == 0 else "local"), step - offset
+
+
+@register_plugin
+class ReCAP(Plugin):
+    name = "recap"
+    families = frozenset({"features", "head"})
+    conflicts = ("lazymar_token_cache", "lazymar_cond_cache")
+    Config = ReCAPConfig
+    description = "ReCAP: groups of 1 Full-FE + k Local-FEs on the group's tokens with cached context K/V"
+
+    @hookimpl
+    def marcache_forward_plan(self, step, plan):
+        kind, first = step_kind(step.step, step.num_steps, self.config)
+        if kind == "warmup":
+            return
+        plan.mode, plan.owner = "cached", self.name
+        plan.cache = shared_feature_cache(step.store)
+        if kind == "full":
+            plan.spec = CachedPass()
+            self.engagement["full_fe"] += 1
+            return
+        gen, model = step.gen, step.gen.model
+        b, buf = gen.batch_size, model.buffer_size
+        buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
+        prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
+        group = self._group_positions(gen, first).to(step.mask.device) + buf
+        plan.spec = CachedPass(encoder_queries=torch.cat([buffer, prev], dim=1),
+                               decoder_queries=torch.cat([buffer, group], dim=1))
+        self.engagement["local_fe"] += 1
+        self.engagement["local_tokens"] += step.tokens_this_step * b
+
+    @hookimpl
+    def marcache_head_plan(self, step, plan, z):
+        if self.config.local_head_steps is None or step_kind(step.step, step.num_steps, self.config)[0] != "local":
+            return
+        plan.steps.fill_(self.config.local_head_steps)
+        plan.owner = self.name
+
+    def _group_positions(self, gen, first: int) -> torch.Tensor:
+        """Sorted target positions of the group starting at step ``first`` (Full-FE + its Local-FEs)."""
+        counts = gen.tokens_per_step
+        masked_before = gen.seq_len - sum(counts[:first])
+        last = min(first + self.config.local_per_group, len(counts) - 1)
+        masked_after = gen.seq_len - sum(counts[: last + 1])
+        return gen.orders[:, masked_after:masked_before].sort(dim=1).values.cpu()
+
+    def report_section(self) -> dict:
+        out = dict(self.engagement)
+        out["local_head_steps_effective"] = self.config.local_head_steps
+        return out
