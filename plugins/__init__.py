@@ -15,11 +15,12 @@ ddpm_head           head        every token sampled with the full N-step DDPM ch
 
 A policy can drop one with ``disable: [name]`` and replace it with its own.
 
-Accelerators (listed in a policy's ``plugins``): ``gtr_order``, ``gtr_schedule`` (GtR), ``fts`` (FTS).
+Accelerators (listed in a policy's ``plugins``): ``gtr_order``, ``gtr_schedule`` (GtR), ``fts`` (FTS),
+``lazymar_token_cache``, ``lazymar_cond_cache``, ``lazymar_head`` (LazyMAR), ``recap`` (ReCAP).
 """
 
 from . import cfg_schedules, cosine_schedule, ddpm_head, full_recompute, random_order  # noqa: F401  (register)
-from . import fts, gtr  # noqa: F401  (register)
+from . import fts, gtr, lazymar, recap  # noqa: F401  (register)
 from . import flop_counter  # noqa: F401,E402  (FLOPs section of every report; marcache.flops)
 from marcache import trace  # noqa: F401,E402  (the --trace recorder registers as "trace")
 
