@@ -17,7 +17,7 @@ from .errors import ConfigError, MarcacheError
 
 #: modules contributing subcommands: each defines ``add_parser(subparsers)``, which adds its parser
 #: (built with ``parser_class=_Parser`` semantics) and sets ``func`` to a ``run(args) -> int``.
-COMMAND_MODULES: list[str] = ["marcache.flops", "marcache.bench"]
+COMMAND_MODULES: list[str] = ["marcache.flops", "marcache.bench", "marcache.train", "marcache.evaluation.cli"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registered model name (mar_base, mar_large, mar_huge, mar_tiny, ...)")
+    p.add_argument("--model", help="registered model name (mar_base, mar_large, mar_huge, mar_tiny, ...); default: the shipped mar_mnist")
     p.add_argument("--checkpoint", help="weights: official checkpoint-last.pth, a state dict or .safetensors")
     p.add_argument("--weights", default="model_ema", choices=["model_ema", "model"], help="entry of an official checkpoint (default model_ema)")
     p.add_argument("--vae", help="KL-16 VAE weights (kl16.ckpt / .safetensors) for latent models, or 'random'")
@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 def build_model(args):
     from .loading import _fitting_configs, load_mar, read_state_dict
 
-    if args.model is None and args.checkpoint is None:
-        raise ConfigError("pass --model NAME (random weights unless --checkpoint) or --checkpoint FILE")
+    if args.model is None and args.checkpoint is None:  # the shipped default: mar_mnist, trained weights
+        from .weights import mnist_path
+
+        return "mar_mnist", load_mar("mar_mnist", mnist_path(), weights=args.weights)
     name = args.model
     if name is None:  # infer the config from the checkpoint's shapes
         fits = _fitting_configs(read_state_dict(args.checkpoint, args.weights))

@@ -111,3 +111,13 @@ def meta_model(name_or_kwargs: str | Mapping[str, Any]) -> MAR:
     """Build on the meta device (no memory, no init cost): shapes only."""
     with torch.device("meta"):
         return create_model(name_or_kwargs)
+
+# The shipped default (issue #10): a class-conditional MAR trained on MNIST in pixel space. A 28x28
+# grey digit in [-1, 1] is 7x7 tokens of 4x4 pixels (token dim 16, like KL-16); 3+3 blocks of width
+# 128, a 6x128 head (depth >= 5 so that head-block skipping has room). Weights: marcache/weights/.
+register_model_config("mar_mnist", dict(img_size=28, vae_stride=1, patch_size=4, encoder_embed_dim=128, encoder_depth=3,
+                                        encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
+                                        mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=1, class_num=10,
+                                        attn_dropout=0.0, proj_dropout=0.0, buffer_size=16, diffloss_d=6, diffloss_w=128,
+                                        num_sampling_steps="50", diffusion_batch_mul=2),
+                      sampling=dict(num_iter=16, cfg=2.5, temperature=1.0))
