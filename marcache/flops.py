@@ -117,17 +117,26 @@ def _meta(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to("meta")
 
 
-class _BlockWithPast(nn.Module):
-    """Trace wrapper: a block on ``x`` attending also over cached keys/values ``k, v``."""
+class _AttentionHalf(nn.Module):
+    """Trace wrapper: a block's attention residual, optionally over cached keys/values ``k, v``."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x, k, v):
+    def forward(self, x, k=None, v=None):
         from marcache.models.blocks import KV
 
-        return self.block(x, past_kv=KV(k, v))
+        return self.block.attention_residual(x, past_kv=None if k is None else KV(k, v))
+
+
+class _MlpHalf(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block.mlp_residual(x)
 
 
 class _HeadStep(nn.Module):
@@ -199,25 +208,44 @@ class CostModel:
         return len(self._cache)
 
     # ---------------------------------------------------------------- transformer
-    def block(self, part: str, queries: int, keys: int) -> Counter:
+    def block(self, part: str, queries: int, keys: int, mlp_queries: Optional[int] = None) -> Counter:
         """One encoder/decoder block on one row: ``queries`` fresh tokens attending over ``keys`` keys
-        (``keys - queries`` of them cached K/V)."""
+        (``keys - queries`` of them cached K/V), then ``mlp_queries`` (default ``queries``) of them
+        through the MLP half (a block narrowed between its halves, LazyMAR)."""
         if part not in ("encoder", "decoder"):
             raise ValueError(f"part must be encoder or decoder, got {part!r}")
-        if not 1 <= queries <= keys:
-            raise ValueError(f"a transformer run needs 1 <= queries <= keys, got queries={queries}, keys={keys}")
-        block = self._enc_block if part == "encoder" else self._dec_block
+        m = queries if mlp_queries is None else mlp_queries
+        if not 1 <= queries <= keys or not 0 <= m <= queries:
+            raise ValueError(f"a transformer run needs 1 <= queries <= keys and 0 <= mlp_queries <= queries, "
+                             f"got queries={queries}, keys={keys}, mlp_queries={mlp_queries}")
+        return self.attention_half(part, queries, keys) + self.mlp_half(part, m)
+
+    def _block(self, part: str):
+        return self._enc_block if part == "encoder" else self._dec_block
+
+    def _width(self, part: str) -> int:
+        return self.enc_dim if part == "encoder" else self.dec_dim
+
+    def attention_half(self, part: str, queries: int, keys: int) -> Counter:
+        """``x + attn(norm1(x))`` on one row (qkv and output projections, QK^T and AV)."""
+        block, dim = self._block(part), self._width(part)
 
         def price():
-            dim = self.enc_dim if part == "encoder" else self.dec_dim
             x = torch.zeros(1, queries, dim, device="meta")
             if queries == keys:
-                return fvcore_flops(block, (x,))
+                return fvcore_flops(_AttentionHalf(block), (x,))
             heads = block.attn.num_heads
             past = torch.zeros(1, heads, keys - queries, dim // heads, device="meta")
-            return fvcore_flops(_BlockWithPast(block), (x, past, past))
+            return fvcore_flops(_AttentionHalf(block), (x, past, past))
 
-        return self._priced((part, queries, keys), price)
+        return self._priced((part, "attention", queries, keys), price)
+
+    def mlp_half(self, part: str, tokens: int) -> Counter:
+        """``x + mlp(norm2(x))`` on ``tokens`` tokens of one row."""
+        if tokens == 0:
+            return Counter()
+        block, dim = self._block(part), self._width(part)
+        return self._priced((part, "mlp", tokens), lambda: fvcore_flops(_MlpHalf(block), (torch.zeros(1, tokens, dim, device="meta"),)))
 
     def encoder_stem(self) -> Counter:
         """Per row and step: ``z_proj`` on all L tokens (``encoder_norm`` is element-wise)."""
@@ -315,7 +343,7 @@ def record_flops(costs: CostModel, record) -> tuple[StepFlops, dict[str, Counter
     for part in ("encoder", "decoder"):
         runs = list(getattr(record, f"{part}_runs"))
         for run in runs:
-            block = costs.block(part, run.queries, run.keys)
+            block = costs.block(part, run.queries, run.keys, getattr(run, "mlp_queries", None))
             for op, n in block.items():
                 ops[part][op] += n * run.rows * run.layers
         if runs:
@@ -497,6 +525,14 @@ class ShapeOnlyBackend(Backend):
 
         transformer_runs(step, plan)  # the plan must be one the accounting understands
         gen = step.gen
+        cache = getattr(plan, "cache", None)
+        if cache is not None and hasattr(cache, "allocate") and not cache.ready:
+            # plugins read the feature cache's decoder states (zeros here); the K/V stay shape-only
+            total = 2 * gen.batch_size if gen.guided else gen.batch_size
+            cache.allocate(gen.model, total, torch.device("meta"))
+            positions, width = gen.model.buffer_size + gen.seq_len, gen.model.decoder_embed.out_features
+            cache.dec_in = torch.zeros(total, positions, width)
+            cache.prenorm = torch.zeros(total, positions, width)
         rows = 2 * gen.batch_size if gen.guided else gen.batch_size
         width = gen.model.decoder_embed.out_features
         return torch.randn(rows, step.tokens_this_step, width, generator=self._gen)
@@ -628,20 +664,22 @@ def run(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     s = out["sampler"]
+    scale, unit = (1.0, "TFLOPs") if out["baseline_tflops_per_image"] >= 0.1 else (1e3, "GFLOPs")
     print(f"{args.model} | policy {out['policy']} | {out['num_steps']} AR steps, cfg {s['cfg']} ({s['cfg_schedule']}), "
           f"{s['head_steps']} head steps | {out['mode']}, {args.num_images} image(s)")
-    print(f"{'component':<22}{'TFLOPs/image':>14}{'share':>8}{'baseline':>12}{'ratio':>9}")
+    print(f"{'component':<22}{unit + '/image':>14}{'share':>8}{'baseline':>12}{'ratio':>9}")
     for p in COMPONENTS:
         c = out["components"][p]
         ratio = c["baseline_tflops_per_image"] / c["tflops_per_image"] if c["tflops_per_image"] else float("inf")
-        print(f"{p:<22}{c['tflops_per_image']:>14.3f}{c['share']:>8.1%}{c['baseline_tflops_per_image']:>12.3f}{ratio:>8.2f}x")
-    print(f"{'total':<22}{out['tflops_per_image']:>14.3f}{'':>8}{out['baseline_tflops_per_image']:>12.3f}{out['flops_ratio']:>8.2f}x")
-    print(f"{'head as executed':<22}{out['head_executed_tflops_per_image']:>14.3f}   (cond_embed/time MLP hoisted out of the chain; not in totals)")
+        print(f"{p:<22}{c['tflops_per_image'] * scale:>14.3f}{c['share']:>8.1%}{c['baseline_tflops_per_image'] * scale:>12.3f}{ratio:>8.2f}x")
+    print(f"{'total':<22}{out['tflops_per_image'] * scale:>14.3f}{'':>8}{out['baseline_tflops_per_image'] * scale:>12.3f}{out['flops_ratio']:>8.2f}x")
+    print(f"{'head as executed':<22}{out['head_executed_tflops_per_image'] * scale:>14.3f}   (cond_embed/time MLP hoisted out of the chain; not in totals)")
     if out["vae_decode_tflops_per_image"] is not None:
-        print(f"{'VAE decode':<22}{out['vae_decode_tflops_per_image']:>14.3f}   (per image; excluded from totals)")
+        print(f"{'VAE decode':<22}{out['vae_decode_tflops_per_image'] * scale:>14.3f}   (per image; excluded from totals)")
     if args.per_step:
-        print("step  encoder  decoder     head    total  (TFLOPs/image)")
+        print(f"step  encoder  decoder     head    total  ({unit}/image)")
         for r in out["per_step"]:
-            print(f"{r['step']:>4} {r['encoder']:>8.4f} {r['decoder']:>8.4f} {r['head']:>8.4f} {r['total']:>8.4f}")
-    print(f"FLOPs ratio (baseline / policy): {out['flops_ratio']:.3f}x; {CONVENTION}")
+            print(f"{r['step']:>4} {r['encoder'] * scale:>8.4f} {r['decoder'] * scale:>8.4f} {r['head'] * scale:>8.4f} {r['total'] * scale:>8.4f}")
+    print(f"FLOPs ratio (baseline / policy): {out['flops_ratio']:.3f}x")
+    print(f"convention: {CONVENTION}")
     return 0

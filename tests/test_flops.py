@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import marcache.cli as cli
+from marcache.errors import ConfigError
 from marcache.flops import (CostModel, FlopAccumulator, ShapeOnlyBackend, compare_with_baseline, cost_model_for,
                             flop_counter_mode, policy_flops, record_flops)
 from marcache.models import create_model, meta_model
@@ -200,3 +201,46 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_narrowed_block_counts_attention_and_mlp_halves(tiny_costs):
+    """A block narrowed between its halves (LazyMAR): attention on q queries over k keys, MLP on m."""
+    q, k, m = 20, 32, 6
+    attention = 2 * (q * 4 * D * D + q * k * 2 * D)
+    mlp = 2 * (m * 2 * D * HIDDEN)
+    assert sum(tiny_costs.block("decoder", q, k, mlp_queries=m).values()) == attention + mlp
+    with pytest.raises(ValueError):
+        tiny_costs.block("decoder", 5, 32, mlp_queries=6)
+
+
+def _shipped(name):
+    from marcache.policy import list_shipped_policies
+
+    if name not in list_shipped_policies():
+        pytest.skip(f"policy {name!r} not shipped")
+    return load_policy(name, ["sampler.head_steps=4"])
+
+
+@pytest.mark.parametrize("name", ["recap", "lazymar"])
+def test_cached_plans_cross_check_and_shape_only(name):
+    """Partial passes over cached K/V: the accounting equals FlopCounterMode on the real run, and the
+    shape-only count (meta model) equals the executed one."""
+    policy = _shipped(name)
+    torch.manual_seed(0)
+    model = create_model("mar_tiny")
+    try:
+        sampler = Sampler(model, policy)
+    except ConfigError as exc:  # e.g. a selection layer deeper than mar_tiny's decoder
+        pytest.skip(f"{name} does not apply to mar_tiny: {exc}")
+    sampler.generate(labels=[3, 4], num_images=2, seed=0, batch_size=2)
+    with flop_counter_mode() as counter:
+        report = sampler.generate(labels=[3, 4], num_images=2, seed=0, batch_size=2).report
+    section = report["engagement"]["flops"]
+    executed = section["components"]["encoder"]["flops"] + section["components"]["decoder"]["flops"] \
+        + section["head_executed_tflops_per_image"] * 1e12 * section["images"]
+    assert executed == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    shape_only = policy_flops(meta_model("mar_tiny"), policy, num_images=2, batch_size=2)
+    assert shape_only["tflops_per_image"] == pytest.approx(section["tflops_per_image"], rel=1e-12)
+    baseline = policy_flops(meta_model("mar_tiny"), load_policy("baseline", ["sampler.head_steps=4"]), num_images=2, batch_size=2)
+    transformer = lambda s: s["components"]["encoder"]["flops"] + s["components"]["decoder"]["flops"]  # noqa: E731
+    assert transformer(baseline) > transformer(section)  # the cached passes saved encoder/decoder work
