@@ -26,7 +26,7 @@ import torch
 
 from marcache.errors import ConfigError
 
-MATCH_MODES = ("ar", "head", "both", "none")
+MATCH_MODES = ("ar", "head", "mixed")
 MIN_HEAD_STEPS = 2  # the smallest respaced head process a policy accepts
 
 
@@ -34,7 +34,7 @@ MIN_HEAD_STEPS = 2  # the smallest respaced head process a policy accepts
 @dataclass
 class Row:
     label: str
-    kind: str  # baseline | policy | fewer_ar_steps | fewer_head_steps
+    kind: str  # baseline | policy | fewer_ar_steps | fewer_head_steps | fewer_mixed_steps
     policy: object  # ResolvedPolicy
     matched_to: Optional[str] = None
     target_tflops: Optional[float] = None
@@ -99,6 +99,15 @@ class StepGrid:
         """The num_iter in [1, n0] (head steps ``h``) whose FLOPs are closest to ``target``."""
         best = min(range(1, n0 + 1), key=lambda n: (abs(self.tflops(n, h) - target), -n))
         return best, self.tflops(best, h)
+
+    def match_mixed(self, target: float, n0: int, h0: int) -> tuple[int, int, float]:
+        """AR and head steps reduced in proportion (``h = h0 * n / n0``), closest to ``target``."""
+        def setting(n):
+            return n, min(max(round(h0 * n / n0), MIN_HEAD_STEPS), h0)
+
+        best = min(range(1, n0 + 1), key=lambda n: (abs(self.tflops(*setting(n)) - target), -n))
+        n, h = setting(best)
+        return n, h, self.tflops(n, h)
 
     def match_head(self, target: float, n: int, h0: int) -> tuple[int, float]:
         """The head-step count in [2, h0] (num_iter ``n``) whose FLOPs are closest to ``target``."""
@@ -169,17 +178,20 @@ def run_bench(model, policy_paths: list[str], args, log=print) -> dict:
     unmatched: list[dict] = []
     for row in [r for r in rows if r.kind == "policy"]:
         target = row.flops["tflops_per_image"]
-        modes = {"ar": ["ar"], "head": ["head"], "both": ["ar", "head"], "none": []}[args.match]
-        for mode in modes:
+        for mode in match_modes(args.match):
             if mode == "ar":
                 n, achieved = grid.match_ar(target, n0, h0)
-                over, label = [f"sampler.num_iter={n}", f"sampler.head_steps={h0}"], f"fewer AR steps ({n}) ~ {row.label}"
-            else:
+                h, what = h0, f"fewer AR steps ({n})"
+            elif mode == "head":
                 h, achieved = grid.match_head(target, n0, h0)
-                over, label = [f"sampler.num_iter={n0}", f"sampler.head_steps={h}"], f"fewer head steps ({h}) ~ {row.label}"
+                n, what = n0, f"fewer head steps ({h})"
+            else:
+                n, h, achieved = grid.match_mixed(target, n0, h0)
+                what = f"fewer AR+head steps ({n}/{h})"
+            over, label = [f"sampler.num_iter={n}", f"sampler.head_steps={h}"], f"{what} ~ {row.label}"
             error = abs(achieved - target) / target
             if error > args.match_tolerance:
-                log(f"  no plain setting with fewer {'AR' if mode == 'ar' else 'head'} steps reaches {row.label}'s "
+                log(f"  no plain setting with {what.split(' (')[0]} reaches {row.label}'s "
                     f"{target:.4g} TFLOPs/image (closest {achieved:.4g}); row skipped")
                 unmatched.append({"policy": row.label, "mode": mode, "target_tflops_per_image": target, "closest_tflops_per_image": achieved})
                 continue
@@ -308,7 +320,7 @@ def plot(report: dict, path: Path) -> Path:
     giga = max(r["tflops_per_image"] for r in rows) < 0.1  # small models: GFLOPs
     fig, ax = plt.subplots(figsize=(9, 4.5))
     markers = {"baseline": ("s", "black"), "policy": ("o", "tab:red"), "fewer_ar_steps": ("v", "tab:blue"),
-               "fewer_head_steps": ("^", "tab:green")}
+               "fewer_head_steps": ("^", "tab:green"), "fewer_mixed_steps": ("D", "tab:purple")}
     for i, r in enumerate(rows, 1):
         y = r["eval"]["fid"] if has_eval else r["tflops_per_image"] * (1e3 if giga else 1)
         m, c = markers.get(r["kind"], ("x", "gray"))
@@ -344,8 +356,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per row (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--match", choices=MATCH_MODES, default="both",
-                   help="fewer-steps baselines per policy: fewer AR steps, fewer head steps, both (default) or none")
+    p.add_argument("--match", default="ar,head,mixed",
+                   help="fewer-steps baselines per policy, comma-separated: ar (fewer AR steps), head (fewer head steps), "
+                        "mixed (both reduced in proportion); 'none' for no such rows (default ar,head,mixed)")
     p.add_argument("--match-tolerance", type=float, default=0.05,
                    help="skip a fewer-steps row whose FLOPs miss the policy's by more than this fraction (default 0.05)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 avoids oversubscription on shared CPUs)")
@@ -358,7 +371,19 @@ def add_parser(subparsers) -> None:
                    help="overrides for every row: backend.device=cuda, backend.dtype=bfloat16, sampler.cfg=2.0 ...")
 
 
+def match_modes(text: str) -> list[str]:
+    """``"ar,head"`` -> ``["ar", "head"]``; ``"none"`` -> ``[]``."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if modes == ["none"]:
+        return []
+    bad = [m for m in modes if m not in MATCH_MODES]
+    if bad or not modes:
+        raise ConfigError(f"--match {text!r}: expected a comma-separated subset of {', '.join(MATCH_MODES)}, or none")
+    return list(dict.fromkeys(modes))
+
+
 def _validate(args) -> None:
+    match_modes(args.match)
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
     if args.num_images is None:

@@ -39,7 +39,7 @@ def policies(tmp_path):
 
 
 def _args(**kw):
-    base = dict(model="mar_tiny", batch_size=2, num_images=2, warmup=1, repeats=2, seed=0, match="both",
+    base = dict(model="mar_tiny", batch_size=2, num_images=2, warmup=1, repeats=2, seed=0, match="ar,head",
                 match_tolerance=0.05, eval=False, eval_samples=4, overrides=[], threads=None)
     base.update(kw)
     return argparse.Namespace(**base)
@@ -75,6 +75,12 @@ def test_rows_and_matched_baselines(model, policies):
     assert all(label[:35] in table for label in rows)
 
 
+def test_mixed_match_reduces_both(model):
+    grid = StepGrid(model, [])
+    n, h, achieved = grid.match_mixed(grid.tflops(4, 3), 8, 6)
+    assert (n, h) == (4, 3) and achieved == grid.tflops(4, 3)
+
+
 def test_step_grid_is_exact(model):
     grid = StepGrid(model, [])
     for n, h in [(3, 6), (8, 4)]:
@@ -105,7 +111,7 @@ def test_eval_rows_and_fid_plot(model, policies, monkeypatch, tmp_path):
     (["bench", "--model", "mar_tiny", "--repeats", "0"], "--repeats"),
     (["bench", "--model", "mar_tiny", "--policy", "/nonexistent.yaml"], "policy"),
     (["bench", "--model", "mar_tiny", "sampler.num_iter=4"], "num_iter"),
-    (["bench", "--model", "mar_tiny", "--match", "bogus"], "--match"),
+    (["bench", "--model", "mar_tiny", "--match", "ar,bogus"], "--match"),
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys):
     assert cli.main(argv) == 2
