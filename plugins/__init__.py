@@ -21,6 +21,7 @@ Accelerators (listed in a policy's ``plugins``): ``gtr_order``, ``gtr_schedule``
 
 from . import cfg_schedules, cosine_schedule, ddpm_head, full_recompute, random_order  # noqa: F401  (register)
 from . import fts, gtr, lazymar, recap  # noqa: F401  (register)
+from . import lazymar_head  # noqa: F401  (register)
 from . import flop_counter  # noqa: F401,E402  (FLOPs section of every report; marcache.flops)
 from marcache import trace  # noqa: F401,E402  (the --trace recorder registers as "trace")
 
