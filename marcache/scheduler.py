@@ -216,7 +216,9 @@ class Sampler:
             if section:
                 engagement.update(section)
         silent = [p.name for p in self.plugins if not p.builtin and not p.engagement]
+        flops = engagement.get("flops")  # also at top level: every report carries the FLOPs of the run
         return {
+            "flops": flops,
             "policy": self.policy.to_dict(),
             "policy_source": self.policy.source,
             "sampler": self.settings,

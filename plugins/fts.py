@@ -58,7 +58,9 @@ class FTS(Plugin):
         if self.config.apply_to == "reconstruction" and "gtr_schedule" not in {p.name for p in policy.plugins}:
             raise ConfigError("fts.apply_to=reconstruction needs the gtr_schedule plugin in the policy (or set fts.apply_to=all)")
 
-    @hookimpl
+    # trylast: FTS raises budgets after whichever plugins set them (gtr_schedule, recap), whatever
+    # the policy order
+    @hookimpl(trylast=True)
     def marcache_head_plan(self, step, plan, z):
         if self.config.apply_to == "reconstruction":
             stages = step.store.get("gtr_schedule", "stage_of_step")
