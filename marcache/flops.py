@@ -150,6 +150,30 @@ class _HeadStep(nn.Module):
         return self.net(x, t, c)
 
 
+class _BlockMLP(nn.Module):
+    """A head ResBlock's LayerNorm + MLP (its adaLN is priced separately)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block.mlp(self.block.in_ln(x))
+
+
+class _FinalLayer(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, y):
+        return self.layer(x, y)
+
+
+#: head modules a chain cache reports row invocations of (``StepRecord.head_module_rows``)
+HEAD_MODULES = ("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final")
+
+
 class _HeadTrunk(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -277,6 +301,29 @@ class CostModel:
 
         return self._priced(("head_trunk",), price)
 
+    def head_module(self, name: str) -> Counter:
+        """One row through one head module (``HEAD_MODULES``); the modules of an official head pass
+        sum to :meth:`head_step` (blocks counted once each)."""
+
+        def price():
+            net, w = self._net, self._net.model_channels
+            row = torch.zeros(1, w, device="meta")
+            if name == "time_embed":
+                return fvcore_flops(net.time_embed, (torch.zeros(1, dtype=torch.long, device="meta"),))
+            if name == "cond_embed":
+                return fvcore_flops(net.cond_embed, (torch.zeros(1, self.z_dim, device="meta"),))
+            if name == "input_proj":
+                return fvcore_flops(net.input_proj, (torch.zeros(1, self.token_dim, device="meta"),))
+            if name == "block_adaln":
+                return fvcore_flops(net.res_blocks[0].adaLN_modulation, (row,))
+            if name == "block_mlp":
+                return fvcore_flops(_BlockMLP(net.res_blocks[0]), (row,))
+            if name == "final":
+                return fvcore_flops(_FinalLayer(net.final_layer), (row, row))
+            raise ValueError(f"unknown head module {name!r}; known: {', '.join(HEAD_MODULES)}")
+
+        return self._priced(("head_module", name), price)
+
     def cond_embed(self) -> Counter:
         return self._priced(("cond_embed",), lambda: fvcore_flops(self._net.cond_embed, (torch.zeros(1, self.z_dim, device="meta"),)))
 
@@ -359,10 +406,17 @@ def record_flops(costs: CostModel, record) -> tuple[StepFlops, dict[str, Counter
     head, trunk = costs.head_step(), _total(costs.head_trunk())
     cond, temb = _total(costs.cond_embed()), _total(costs.time_embed())
     executed = 0
-    for steps, rows in record.head_rows_by_steps.items():
-        for op, n in head.items():
-            ops["head"][op] += n * rows * int(steps)
-        executed += rows * (int(steps) * trunk + cond) + int(steps) * temb
+    module_rows = getattr(record, "head_module_rows", None)
+    if module_rows:  # a chain cache ran: price what each head module actually processed
+        for name, rows in module_rows.items():
+            for op, n in costs.head_module(name).items():
+                ops["head"][op] += n * int(rows)
+        executed = _total(ops["head"])
+    else:
+        for steps, rows in record.head_rows_by_steps.items():
+            for op, n in head.items():
+                ops["head"][op] += n * rows * int(steps)
+            executed += rows * (int(steps) * trunk + cond) + int(steps) * temb
     out.encoder, out.decoder, out.head = (_total(ops[p]) for p in COMPONENTS)
     out.head_executed = executed
     return out, ops
@@ -492,11 +546,14 @@ class _CompactRecord:
     encoder_runs: tuple
     decoder_runs: tuple
     head_rows_by_steps: dict
+    head_module_rows: Optional[dict] = None
 
 
 def _compact(record) -> _CompactRecord:
+    modules = getattr(record, "head_module_rows", None)
     return _CompactRecord(int(record.step), tuple(record.encoder_runs), tuple(record.decoder_runs),
-                          {int(k): int(v) for k, v in record.head_rows_by_steps.items()})
+                          {int(k): int(v) for k, v in record.head_rows_by_steps.items()},
+                          dict(modules) if modules else None)
 
 
 # --------------------------------------------------------------------------- shape-only execution

@@ -125,4 +125,7 @@ class StepRecord:
     cfg_scale: float
     owners: dict = field(default_factory=dict)
     cached: Optional[torch.Tensor] = None
+    # with a chain cache: row invocations per head module over the step's chains (see
+    # marcache.flops.HEAD_MODULES); None = every head step ran the official network on every row
+    head_module_rows: Optional[dict] = None
     extra: Optional[dict] = None

@@ -190,15 +190,18 @@ class Sampler:
     def _record(step: StepState, forward: ForwardPlan, head: HeadPlan, rows: int) -> StepRecord:
         gen = step.gen
         encoder_runs, decoder_runs = transformer_runs(step, forward)
-        head_rows = Counter()
-        per_chain = 2 if gen.guided and step.cfg_scale != 1.0 else 1
+        head_rows, modules = Counter(), Counter()
+        guided = gen.guided and step.cfg_scale != 1.0
         for count, idx in head.groups():
-            head_rows[count] += per_chain * len(idx)
+            head_rows[count] += (2 if guided else 1) * len(idx)
+            if head.chain_cache is not None:
+                modules.update(head.chain_cache.module_rows(count, len(idx), guided, gen.model.diffloss.net.num_res_blocks))
         return StepRecord(
             step=step.step, encoder_runs=encoder_runs, decoder_runs=decoder_runs, rows=rows,
             head_rows_by_steps=dict(head_rows),
             predicted=step.mask_to_pred, recomputed=torch.ones_like(step.mask), cfg_scale=step.cfg_scale,
             owners={"forward": forward.owner, "head": head.owner},
+            head_module_rows=dict(modules) if head.chain_cache is not None else None,
         )
 
     def _log_step(self, record: StepRecord, head: HeadPlan) -> None:

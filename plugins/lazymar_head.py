@@ -122,6 +122,30 @@ class LazyMARHeadCache:
         self.peak_cache_bytes = 0
         self.schedules: dict[int, dict] = {}
 
+
+    def module_rows(self, steps: int, tokens: int, guided: bool, depth: int) -> dict:
+        """Row invocations of each head module over one chain (FLOP accounting; marcache.flops).
+
+        Full steps run the official network on every row (both CFG halves); cached steps run the
+        conditional rows only (with ``cfg_delta``), skip ``skip_blocks``, and recompute the kept
+        blocks' MLPs only on ``cached_mlp`` steps.
+        """
+        rows_full = 2 * tokens if guided else tokens
+        rows_cached = tokens if (guided and self.config.cfg_delta) else rows_full
+        kept = depth - len(self.config.skip_blocks)
+        out = dict.fromkeys(("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final"), 0)
+        for kind in head_step_kinds(steps, self.config):
+            if kind == FULL:
+                r, adaln, mlp = rows_full, depth, depth
+            else:
+                r, adaln, mlp = rows_cached, kept, kept if kind == CACHED_MLP else 0
+            out["time_embed"] += r
+            out["cond_embed"] += r
+            out["input_proj"] += r
+            out["final"] += r
+            out["block_adaln"] += adaln * r
+            out["block_mlp"] += mlp * r
+        return out
     def kinds(self, num_steps: int) -> list[str]:
         if num_steps not in self.schedules:
             self.schedules[num_steps] = schedule_summary(num_steps, self.config)

@@ -28,7 +28,7 @@ from marcache.plugin import Plugin, register_plugin
 class ReCAPConfig:
     warmup_steps: Optional[int] = None  # ordinary full steps first; None = half of the steps
     local_per_group: int = 1  # k Local-FEs after each Full-FE
-    local_head_steps: Optional[int] = 50  # head steps for tokens sampled in Local-FEs; None = unchanged
+    local_head_steps: Optional[int] = 50  # at most this many head steps for Local-FE tokens; None = unchanged
 
     def __post_init__(self):
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -81,7 +81,8 @@ class ReCAP(Plugin):
     def marcache_head_plan(self, step, plan, z):
         if self.config.local_head_steps is None or step_kind(step.step, step.num_steps, self.config)[0] != "local":
             return
-        plan.steps.fill_(self.config.local_head_steps)
+        # a reduction: never more steps than the plan already gives
+        plan.steps.clamp_(max=self.config.local_head_steps)
         plan.owner = self.name
 
     def _group_positions(self, gen, first: int) -> torch.Tensor:

@@ -1,0 +1,195 @@
+"""Composition: every pair of built-in accelerators, and scheduling invariants over random stacks."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_tiny, rel_err
+from marcache.errors import PluginError
+from marcache.flops import policy_flops
+from marcache.hookspecs import hookimpl
+from marcache.plugin import Plugin, available_plugins
+from marcache.plugins.cfg_schedules import linear_cfg_scale
+from marcache.policy import resolve_policy
+from marcache.scheduler import Sampler
+
+ACCELERATORS = ["gtr_order", "gtr_schedule", "fts", "lazymar_token_cache", "lazymar_cond_cache", "lazymar_head", "recap"]
+# small-model settings: LazyMAR selects at decoder layer 3, the head skips blocks 1-4 of 6
+PARAMS = {
+    "lazymar_token_cache": {"warmup_steps": 2, "refresh_interval": 3, "cache_dtype": "float32"},
+    "lazymar_cond_cache": {"warmup_steps": 2, "refresh_interval": 3},
+    "gtr_schedule": {"head_max": 20, "head_min": 8, "head_rec": 8},
+    "fts": {"detail_steps": 16},
+}
+HEAD_STEPS = 24
+
+
+@functools.lru_cache(maxsize=None)
+def model_for(grid):
+    return make_tiny(grid, decoder_depth=4, diffloss_d=6)
+
+
+def policy_of(names, cfg=3.0, num_iter=8, **sampler):
+    plugins = []
+    for name in names:
+        params = dict(PARAMS.get(name, {}))
+        if name == "fts" and "gtr_schedule" not in names:
+            params["apply_to"] = "all"
+        plugins.append({"name": name, "params": params})
+    return resolve_policy({"sampler": {"num_iter": num_iter, "cfg": cfg, "head_steps": HEAD_STEPS, **sampler}, "plugins": plugins})
+
+
+def conflicting(names):
+    classes = available_plugins()
+    return any(other in names for n in names for other in classes[n].conflicts)
+
+
+class Watcher(Plugin):
+    """Checks, at every step, that cached passes read only positions computed at some point."""
+
+    name = "test_composition_watcher"
+    families = frozenset({"accounting"})
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+        self.stale_reads = 0
+
+    @hookimpl
+    def marcache_step_end(self, step, record):
+        self.steps.append((step, record))
+        self.engagement["steps"] += 1
+        cache = step.store.get("features", "cache")
+        if cache is None or not cache.ready or record.owners["forward"] == "full_recompute":
+            return
+        rows = record.encoder_runs[0].rows
+        present = (step.gen.model.with_buffer(step.mask.float()) == 0).repeat(rows // step.gen.batch_size, 1)
+        written = cache.enc_k[:, :rows].abs().sum(dim=(0, 2, 4)) > 0  # [R, P]
+        self.stale_reads += int((present & ~written).sum())
+        self.stale_reads += int((~(cache.dec_k[:, :rows].abs().sum(dim=(0, 2, 4)) > 0)).sum())
+
+
+PAIRS = list(itertools.combinations(ACCELERATORS, 2))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: "+".join(p))
+def test_every_pair(pair):
+    model = model_for(4)
+    if conflicting(pair):
+        with pytest.raises(PluginError, match="conflict"):
+            Sampler(model, policy_of(pair))
+        return
+    watcher = Watcher()
+    sampler = Sampler(model, policy_of(pair), extra_plugins=[watcher])
+    result = sampler.generate(labels=[3, 8], seed=2)
+    predicted = sum(s.mask_to_pred.long() for s, _ in watcher.steps)
+    assert torch.equal(predicted, torch.ones_like(predicted))
+    assert torch.isfinite(result.tokens).all() and watcher.stale_reads == 0
+    base = policy_flops(model, policy_of([]), num_images=2)["tflops_per_image"]
+    assert policy_flops(model, policy_of(pair), num_images=2)["tflops_per_image"] <= base * (1 + 1e-9)
+    alone = torch.cat([sampler.generate(labels=[lab], seed=2, sample_offset=i).tokens for i, lab in enumerate([3, 8])])
+    assert rel_err(result.tokens, alone) < 1e-5
+
+
+@st.composite
+def stacks(draw):
+    names = draw(st.lists(st.sampled_from(ACCELERATORS), unique=True, max_size=4))
+    names = [n for i, n in enumerate(names) if not conflicting(names[: i + 1])]
+    return dict(names=draw(st.permutations(names)), grid=draw(st.integers(3, 4)), num_iter=draw(st.integers(4, 9)),
+                batch=draw(st.integers(1, 2)), cfg=draw(st.sampled_from([1.0, 3.0])), seed=draw(st.integers(0, 999)))
+
+
+class HeadCount:
+    def __init__(self, model, monkeypatch):
+        self.rows_steps = 0
+        original = model.diffloss.sample_with_noise
+
+        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None):
+            self.rows_steps += noise.shape[0] * int(steps)
+            return original(z, noise, temperature, cfg, steps)
+
+        monkeypatch.setattr(model.diffloss, "sample_with_noise", counted)
+
+
+@settings(max_examples=12)
+@given(stacks())
+def test_scheduling_invariants_of_random_stacks(params):
+    model = model_for(params["grid"])
+    policy = policy_of(params["names"], cfg=params["cfg"], num_iter=params["num_iter"])
+    watcher = Watcher()
+    sampler = Sampler(model, policy, extra_plugins=[watcher])
+    labels = list(range(params["batch"]))
+    result = sampler.generate(labels=labels, seed=params["seed"])
+    seq_len, b = model.seq_len, params["batch"]
+    orders = watcher.steps[0][0].gen.orders
+    # 1. orders are permutations
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(seq_len).expand(b, -1))
+    # 2. each token predicted exactly once, 3. counts >= 1, equal over samples, summing to L
+    predicted = sum(s.mask_to_pred.long() for s, _ in watcher.steps)
+    assert torch.equal(predicted, torch.ones_like(predicted))
+    counts = [s.mask_to_pred.sum(dim=1) for s, _ in watcher.steps]
+    assert all(int(c.min()) >= 1 and torch.all(c == c[0]) for c in counts) and sum(int(c[0]) for c in counts) == seq_len
+    # 4. a token stays masked until the last step
+    assert all(int(s.mask_next.sum(dim=1).min()) >= 1 for s, _ in watcher.steps[:-1])
+    # 5. caches never serve a position that was never computed
+    assert watcher.stale_reads == 0
+    # 6. the guidance scale follows the schedule, whatever the stack
+    masked = seq_len
+    for s, _ in watcher.steps:
+        masked -= s.tokens_this_step
+        expected = 1.0 if params["cfg"] == 1.0 else linear_cfg_scale(params["cfg"], seq_len, max(masked, 1))
+        assert s.cfg_scale == expected
+    # 7. finite tokens; 8. no state leaks between generations (same call, same result)
+    assert torch.isfinite(result.tokens).all()
+    sampler.generate(labels=[0], seed=params["seed"] + 1)
+    again = sampler.generate(labels=labels, seed=params["seed"])
+    assert rel_err(again.tokens, result.tokens) < 1e-6
+    # 9. batch invariance
+    alone = torch.cat([sampler.generate(labels=[lab], seed=params["seed"], sample_offset=i).tokens for i, lab in enumerate(labels)])
+    assert rel_err(result.tokens, alone) < 1e-5
+    # 10. FLOPs never exceed the baseline's
+    base = policy_flops(model, policy_of([], cfg=params["cfg"], num_iter=params["num_iter"]), num_images=b)["tflops_per_image"]
+    assert policy_flops(model, policy, num_images=b)["tflops_per_image"] <= base * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("extra", ["gtr_order", "gtr_schedule", "lazymar_token_cache", "lazymar_cond_cache", "recap"])
+def test_head_budgets_honoured(monkeypatch, extra):
+    """11. the DDPM rows x steps that ran equal what the plans asked for."""
+    model = make_tiny(3, decoder_depth=4, diffloss_d=6)
+    counter = HeadCount(model, monkeypatch)
+    names = ["fts", extra] if extra != "gtr_schedule" else ["gtr_schedule", "fts"]
+    watcher = Watcher()
+    Sampler(model, policy_of(names, cfg=1.0), extra_plugins=[watcher]).generate(labels=[1, 2], seed=0)
+    asked = sum(steps * rows for _, r in watcher.steps for steps, rows in r.head_rows_by_steps.items())
+    assert counter.rows_steps == asked
+
+
+def flops_of(model, names, overrides):
+    policy = policy_of(names)
+    policy = resolve_policy({"sampler": {"num_iter": 8, "cfg": 3.0, "head_steps": HEAD_STEPS},
+                             "plugins": [{"name": n, "params": {**PARAMS.get(n, {}), **overrides.get(n, {})}} for n in names]})
+    return policy_flops(model, policy, num_images=1)["tflops_per_image"]
+
+
+@pytest.mark.parametrize("name,key,values", [
+    ("lazymar_token_cache", "refresh_interval", [1, 2, 4, 8]),
+    ("recap", "warmup_steps", [8, 6, 4, 2]),
+    ("lazymar_head", "refresh_interval", [1, 3, 7, 14]),
+])
+def test_flops_monotone_in_aggressiveness(name, key, values):
+    """12. more aggressive settings never cost more."""
+    model = model_for(4)
+    names = [name, "lazymar_cond_cache"] if name == "lazymar_token_cache" else [name]
+    flops = []
+    for v in values:
+        over = {name: {key: v}}
+        if name == "lazymar_token_cache":
+            over["lazymar_cond_cache"] = {key: v}
+        if name == "lazymar_head":
+            over[name]["scale_with_head_steps"] = False
+        flops.append(flops_of(model, names, over))
+    assert all(a >= b for a, b in zip(flops, flops[1:])) and flops[0] > flops[-1]
