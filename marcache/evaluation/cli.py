@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-root", default=None, help="reference-statistics cache (default ~/.cache/marcache/fidelity)")
     p.add_argument("--classifier", default=None, help="MNIST classifier weights (.safetensors; default: shipped)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--generate-only", action="store_true", help="write the sample shards, skip the metrics")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true")
 
@@ -62,7 +63,8 @@ def run(args) -> int:
     vae = build_vae(args, model)
     result = evaluate(model, policy, args.num_samples, args.seed, args.batch_size, out_dir=args.out,
                       shard_size=args.shard_size, cache_root=args.cache_root, classifier_path=args.classifier,
-                      progress=not args.no_progress, vae=vae, model_name=name)
+                      progress=not args.no_progress, vae=vae, model_name=name,
+                      score=not args.generate_only)
     if result is None:  # a non-zero torchrun rank
         return 0
     if args.json:

@@ -32,13 +32,14 @@ def model_fingerprint(model) -> str:
 def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, batch_size: int = 100,
              *, overrides: Optional[list[str]] = None, out_dir: Optional[str] = None, shard_size: Optional[int] = None,
              cache_root=None, classifier_path=None, progress: bool = False, vae=None, model_name: Optional[str] = None,
-             sampler=None) -> Optional[dict]:
+             sampler=None, score: bool = True) -> Optional[dict]:
     """Generate ``num_samples`` class-balanced samples (label ``i % 10``) with ``policy`` and score them.
 
     ``policy``: a :class:`~marcache.policy.ResolvedPolicy`, a shipped name or a YAML path. Samples are
     written as shards under ``out_dir`` (a temporary folder when None: then nothing is resumable);
     rerunning with the same ``out_dir`` resumes. Under ``torchrun`` every rank generates its shards;
-    rank 0 scores and returns the dict, other ranks return None.
+    rank 0 scores and returns the dict, other ranks return None. ``score=False`` only generates
+    (the dict then has no metric fields).
     """
     from ..images import to_uint8, tokens_to_images
     from ..policy import ResolvedPolicy, load_policy
@@ -81,7 +82,8 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
         if not info.is_main:
             return None
         data = sharded.collect(out, num_samples, shard_size)
-        metrics = score_images(data["images"], data["labels"], cache_root=cache_root, classifier_path=classifier_path)
+        metrics = score_images(data["images"], data["labels"], cache_root=cache_root,
+                               classifier_path=classifier_path) if score else {}
         fpi = data["flops_per_image"]
         result = dict(metrics)
         result.update(

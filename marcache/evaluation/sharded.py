@@ -141,6 +141,7 @@ def generate_shards(sampler, out_dir: str | os.PathLike, num_samples: int, seed:
 
     info = info or DistInfo()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = sampler.model
     convert = to_uint8 or (lambda tokens: _to_uint8(tokens_to_images(model, tokens)))
     mine = [k for k, _ in enumerate(shard_ranges(num_samples, shard_size)) if k % info.world_size == info.rank]
