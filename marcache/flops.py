@@ -408,10 +408,11 @@ def record_flops(costs: CostModel, record) -> tuple[StepFlops, dict[str, Counter
     executed = 0
     module_rows = getattr(record, "head_module_rows", None)
     if module_rows:  # a chain cache ran: price what each head module actually processed
-        for name, rows in module_rows.items():
+        for name in HEAD_MODULES:
             for op, n in costs.head_module(name).items():
-                ops["head"][op] += n * int(rows)
-        executed = _total(ops["head"])
+                ops["head"][op] += n * int(module_rows.get(name, 0))
+        executed = (_total(ops["head"]) - module_rows.get("cond_embed", 0) * cond - module_rows.get("time_embed", 0) * temb
+                    + module_rows.get("executed_cond_embed", 0) * cond + module_rows.get("executed_time_embed", 0) * temb)
     else:
         for steps, rows in record.head_rows_by_steps.items():
             for op, n in head.items():

@@ -145,6 +145,9 @@ class LazyMARHeadCache:
             out["final"] += r
             out["block_adaln"] += adaln * r
             out["block_mlp"] += mlp * r
+        # as executed, the condition embedding runs once per chain and the time MLP once per step
+        out["executed_cond_embed"] = rows_full
+        out["executed_time_embed"] = steps
         return out
     def kinds(self, num_steps: int) -> list[str]:
         if num_steps not in self.schedules:
