@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import resource
+from collections import Counter
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class Row:
     peak_memory_bytes: Optional[int] = None
     cache_peak_bytes: dict = field(default_factory=dict)
     eval: Optional[dict] = None
+    executed: dict = field(default_factory=dict)
+    setting: Optional[tuple] = None  # (num_iter, head_steps) of a fewer-steps row
+    also_matches: list = field(default_factory=list)
 
 
 def _device_sync(device: torch.device) -> None:
@@ -129,7 +133,21 @@ def _run_once(sampler, row: Row, args, device: torch.device) -> dict:
     else:  # process-wide high-water mark (Linux: KiB)
         row.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row.cache_peak_bytes = result.report.get("cache_peak_bytes", {})
+    row.executed = executed_steps(result.report)
     return result.report
+
+
+def executed_steps(report: dict) -> dict:
+    """What ran, from the report's step log: AR steps and the mean DDPM head steps per token (a
+    policy's nominal sampler settings can differ, e.g. GtR's per-stage schedule)."""
+    steps = report.get("steps", [])
+    chains = Counter()
+    for s in steps:
+        for count, rows in s.get("head_rows_by_steps", {}).items():
+            chains[int(count)] += int(rows)
+    total = sum(chains.values())
+    mean = sum(c * n for c, n in chains.items()) / total if total else None
+    return {"ar_steps": report.get("num_steps"), "mean_head_steps": mean}
 
 
 def _flops_section(report: dict) -> dict:
@@ -195,10 +213,14 @@ def run_bench(model, policy_paths: list[str], args, log=print) -> dict:
                     f"{target:.4g} TFLOPs/image (closest {achieved:.4g}); row skipped")
                 unmatched.append({"policy": row.label, "mode": mode, "target_tflops_per_image": target, "closest_tflops_per_image": achieved})
                 continue
-            if label in used:  # two policies matched by the same plain setting: measure it once
+            same = next((r for r in rows if r.kind.startswith("fewer_") and r.setting == (n, h)), None)
+            if same is not None:  # two policies matched by the same plain setting: measure it once
+                same.also_matches.append(row.label)
+                log(f"  {label}: same setting as '{same.label}', measured once")
                 continue
             used.add(label)
             fewer = Row(label, f"fewer_{mode}_steps", load_policy("baseline", common + over), matched_to=row.label, target_tflops=target)
+            fewer.setting = (n, h)
             samplers[label] = Sampler(model, fewer.policy)
             for _ in range(max(args.warmup, 1)):
                 fewer.flops = _flops_section(_run_once(samplers[label], fewer, args, device))
@@ -240,6 +262,8 @@ def _report(rows: list[Row], args, device, peak: float, dtype) -> dict:
             "label": row.label,
             "kind": row.kind,
             "matched_to": row.matched_to,
+            "also_matches": row.also_matches,
+            "executed": row.executed,
             "target_tflops_per_image": row.target_tflops,
             "match_error": abs(tfl - row.target_tflops) / row.target_tflops if row.target_tflops else None,
             "sampler": {k: row.sampler[k] for k in ("num_iter", "head_steps", "cfg", "cfg_schedule", "temperature")},
@@ -293,7 +317,9 @@ def format_table(report: dict) -> str:
              f"matmul {report['matmul_gflops']:.1f} GFLOP/s ({report['matmul_dtype']})", head]
     for r in report["rows"]:
         s = r["sampler"]
-        line = (f"{r['label'][:35]:<36}{str(s['num_iter']) + '/' + str(s['head_steps']):>9}{r['seconds']['median']:>10.3f}"
+        e = r["executed"]
+        steps = f"{e['ar_steps']}/{e['mean_head_steps']:.3g}" if e.get("mean_head_steps") else f"{s['num_iter']}/{s['head_steps']}"
+        line = (f"{r['label'][:35]:<36}{steps:>9}{r['seconds']['median']:>10.3f}"
                 f"{r['seconds']['spread']:>8.1%}{r['images_per_second']:>9.2f}{r['wallclock_speedup']:>8.2f}x"
                 f"{r['tflops_per_image']:>11.4g}{r['flops_ratio']:>8.2f}x{r['achieved_gflops']:>9.1f}"
                 f"{(r['peak_memory_bytes'] or 0) / 2**20:>10.0f}")
@@ -303,7 +329,7 @@ def format_table(report: dict) -> str:
             line += f"{fid:>8.2f}" if fid is not None else f"{'-':>8}"
             line += f"{acc:>7.3f}" if acc is not None else f"{'-':>7}"
         lines.append(line)
-    lines.append("steps = AR steps / head steps; speedup = baseline median / row median; FLOPs x = baseline FLOPs / row FLOPs; "
+    lines.append("steps = executed AR steps / mean head steps per token; speedup = baseline median / row median; FLOPs x = baseline FLOPs / row FLOPs; "
                  "spread = (max - min) / median; " + report["peak_memory_kind"])
     return "\n".join(lines)
 
@@ -324,16 +350,16 @@ def plot(report: dict, path: Path) -> Path:
     for i, r in enumerate(rows, 1):
         y = r["eval"]["fid"] if has_eval else r["tflops_per_image"] * (1e3 if giga else 1)
         m, c = markers.get(r["kind"], ("x", "gray"))
-        s = r["sampler"]
+        e = r["executed"]
         ax.scatter(r["images_per_second"], y, marker=m, color=c, s=60,
-                   label=f"{i}: {r['label']} [{s['num_iter']}/{s['head_steps']}]")
+                   label=f"{i}: {r['label']} [{e.get('ar_steps')}/{(e.get('mean_head_steps') or 0):.3g}]")
         ax.annotate(str(i), (r["images_per_second"], y), textcoords="offset points", xytext=(5, 4 + 7 * (i % 2)), fontsize=8)
     ax.set_xlabel("images / s (median)")
     ax.set_ylabel("FID (lower is better)" if has_eval else ("GFLOPs / image" if giga else "TFLOPs / image"))
     ax.set_title(f"{report['model']} on {report['device_name']} (batch {report['batch_size']}, "
                  f"median of {report['repeats']} interleaved runs)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="row [AR/head steps]", title_fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="row [AR steps/mean head steps]", title_fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,8 @@ def test_rows_and_matched_baselines(model, policies):
     base = rows["baseline"]
     assert base["flops_ratio"] == 1.0 and base["wallclock_speedup"] == 1.0
     assert rows["four_steps"]["sampler"]["num_iter"] == 4
+    assert rows["four_steps"]["executed"] == {"ar_steps": 4, "mean_head_steps": 6}
+    assert rows["three_head"]["executed"] == {"ar_steps": 8, "mean_head_steps": 3}
     # the plain sampler with 4 AR steps is an exact FLOPs match of a 4-step policy
     ar = [r for r in report["rows"] if r["kind"] == "fewer_ar_steps" and r["matched_to"] == "four_steps"]
     assert len(ar) == 1 and ar[0]["sampler"]["num_iter"] == 4 and ar[0]["match_error"] == pytest.approx(0, abs=1e-12)
