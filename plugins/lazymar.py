@@ -62,7 +62,7 @@ class LazyScheduleConfig:
 
 @dataclass
 class LazyMARTokenCacheConfig(LazyScheduleConfig):
-    selection_layer: int = 3
+    selection_layer: int = 3  # capped at depth - 2 for shallow decoders (report: selection_layer_effective)
     forced_margin: int = 15
     keep_ratios: List[float] = field(default_factory=lambda: list(RELEASED_KEEP_RATIOS))
     cache_dtype: str = "float16"
@@ -101,9 +101,12 @@ class LazyMARTokenCache(Plugin):
 
     @hookimpl
     def marcache_configure(self, policy, model):
-        if self.config.selection_layer >= len(model.decoder_blocks):
-            raise ConfigError(f"lazymar_token_cache.selection_layer={self.config.selection_layer}: the decoder has "
-                              f"{len(model.decoder_blocks)} blocks (0-based layer index)")
+        # the released layer 3 is for 12-20-block decoders; a shallower decoder selects at its
+        # second-to-last block so at least one block runs narrowed (reported as effective value)
+        depth = len(model.decoder_blocks)
+        if depth < 2:
+            raise ConfigError(f"lazymar_token_cache needs a decoder of >= 2 blocks, this one has {depth}")
+        self.selection_layer = min(self.config.selection_layer, depth - 2)
         _check_schedules_agree(policy, self)
 
     @hookimpl
@@ -116,7 +119,7 @@ class LazyMARTokenCache(Plugin):
         if is_full_step(step.step, cfg.warmup_steps, cfg.refresh_interval):
             # full pass: refill every cache, record the selection layer's values (keep = all)
             forced = torch.zeros(step.gen.batch_size, positions, dtype=torch.bool, device=step.mask.device)
-            plan.spec = CachedPass(selection=TokenSelection(cfg.selection_layer, positions, forced))
+            plan.spec = CachedPass(selection=TokenSelection(self.selection_layer, positions, forced))
             self.engagement["full_steps"] += 1
             return
         n_pred, n_prev = step.tokens_this_step, int(step.prev_mask_to_pred[0].sum())
@@ -126,13 +129,14 @@ class LazyMARTokenCache(Plugin):
         prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
         forced = model.with_buffer(step.mask_to_pred | step.prev_mask_to_pred)
         plan.spec = CachedPass(encoder_queries=torch.cat([buffer, prev], dim=1),
-                               selection=TokenSelection(cfg.selection_layer, min(keep, positions), forced))
+                               selection=TokenSelection(self.selection_layer, min(keep, positions), forced))
         self.engagement["lazy_steps"] += 1
         self.engagement["decoder_tokens_recomputed"] += min(keep, positions)
         self.engagement["decoder_tokens_total"] += positions
 
     def report_section(self) -> dict:
         out = dict(self.engagement)
+        out["selection_layer_effective"] = getattr(self, "selection_layer", self.config.selection_layer)
         if out.get("decoder_tokens_total"):
             out["decoder_recompute_fraction_lazy"] = out["decoder_tokens_recomputed"] / out["decoder_tokens_total"]
         return out

@@ -159,8 +159,10 @@ def test_lazymar_config_errors(model):
         Sampler(model, resolve_policy({"plugins": [
             {"name": "lazymar_token_cache", "params": {"refresh_interval": 9}},
             {"name": "lazymar_cond_cache", "params": {"refresh_interval": 4}}]}))
-    with pytest.raises(ConfigError, match="selection_layer=7: the decoder has 5 blocks"):
-        Sampler(model, resolve_policy({"plugins": [{"name": "lazymar_token_cache", "params": {"selection_layer": 7}}]}))
+    deep = Sampler(model, resolve_policy({"sampler": {"num_iter": 4, "head_steps": 2},
+                                          "plugins": [{"name": "lazymar_token_cache", "params": {"selection_layer": 7}}]}))
+    report = deep.generate(labels=[1], seed=0).report
+    assert report["engagement"]["lazymar_token_cache"]["selection_layer_effective"] == 3  # 5 blocks: capped at 3
     with pytest.raises(ConfigError, match=r"params: warmup_steps=0"):
         resolve_policy({"plugins": [{"name": "lazymar_token_cache", "params": {"warmup_steps": 0}}]})
     with pytest.raises(Exception, match="conflict"):
