@@ -175,6 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("marcache: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `marcache plugins | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

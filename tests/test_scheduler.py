@@ -151,3 +151,11 @@ def test_bad_generate_arguments(tiny_model):
         _baseline(tiny_model, "sampler.num_iter=17").generate(labels=[1])
     with pytest.raises(ConfigError, match="cfg_schedule='cosine'"):
         _baseline(tiny_model, "sampler.cfg_schedule=cosine").generate(labels=[1])
+
+
+def test_bfloat16_autocast_backend(tiny_model):
+    fp32 = _baseline(tiny_model, "sampler.num_iter=4").generate(labels=[1, 2], seed=0).tokens
+    result = _baseline(tiny_model, "sampler.num_iter=4", "backend.dtype=bfloat16").generate(labels=[1, 2], seed=0)
+    assert result.report["backend"]["dtype"] == "bfloat16" and torch.isfinite(result.tokens).all()
+    err = rel_err(result.tokens, fp32)
+    assert 0 < err < 0.2  # autocast changes the numbers, not the sample
