@@ -238,6 +238,9 @@ def run_bench(model, policy_paths: list[str], args, log=print) -> dict:
     if args.eval:
         from marcache.evaluation import evaluate  # provided by the evaluation module (lazy: heavy deps)
 
+        if not callable(evaluate):  # the package attribute can be shadowed by its submodule of the same name
+            evaluate = evaluate.evaluate
+
         for row in rows:
             log(f"eval {row.label} ({args.eval_samples} samples) ...")
             row.eval = dict(evaluate(model, row.policy, args.eval_samples, args.seed, args.batch_size))

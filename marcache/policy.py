@@ -45,6 +45,7 @@ class SamplerConfig:
     cfg_schedule: Optional[str] = None
     temperature: Optional[float] = None
     head_steps: Optional[int] = None  # None: the model's num_sampling_steps
+    clip_denoised: Optional[bool] = None  # clamp predicted x_0 to [-1, 1] (pixel-space models; False = reference)
 
     def __post_init__(self):
         _check(self.num_iter is None or self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
@@ -99,7 +100,9 @@ class ResolvedPolicy:
         """Sampler settings with nulls filled from the model's registered defaults."""
         defaults = getattr(model, "sampling_defaults", None) or {}
         s = self.config.sampler
-        out = {k: getattr(s, k) if getattr(s, k) is not None else defaults.get(k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")}
+        out = {k: getattr(s, k) if getattr(s, k) is not None else defaults.get(k)
+               for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "clip_denoised")}
+        out["clip_denoised"] = bool(out["clip_denoised"])
         out["head_steps"] = s.head_steps or len(model.diffloss.gen_diffusion.betas)
         return out
 

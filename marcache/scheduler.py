@@ -101,6 +101,7 @@ class Sampler:
     # ------------------------------------------------------------------ the loop
     def _generate_batch(self, labels, ids, seed, progress) -> torch.Tensor:
         model, hook, s = self.model, self.pm.hook, self.settings
+        model.diffloss.clip_denoised = s["clip_denoised"]
         device = self.backend.device
         gen = GenerationState(
             model=model, labels=None if labels is None else labels.to(device), sample_ids=ids,

@@ -207,7 +207,7 @@ class LazyMARHeadCache:
                 self.counter["cached_head_token_steps"] += n
                 self.counter["blocks_skipped"] += len(skip)
                 self.counter["mlp_recomputed" if recompute else "mlp_reused"] += kept
-            step = sched.p_mean_variance_from_output(out, x, t)
+            step = sched.p_mean_variance_from_output(out, x, t, diffloss.clip_denoised)
             nonzero = 1.0 if i != 0 else 0.0
             x = step["mean"] + nonzero * torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
             if j == 0:

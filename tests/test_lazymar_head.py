@@ -223,9 +223,9 @@ def head_outputs(diffloss, steps, run):
     sched, outs = diffloss.schedule(steps), []
     original = sched.p_mean_variance_from_output
 
-    def recording(out, x, t):
+    def recording(out, x, t, clip_denoised=False):
         outs.append(out.detach().clone())
-        return original(out, x, t)
+        return original(out, x, t, clip_denoised)
 
     sched.p_mean_variance_from_output = recording
     try:

@@ -159,3 +159,14 @@ def test_bfloat16_autocast_backend(tiny_model):
     assert result.report["backend"]["dtype"] == "bfloat16" and torch.isfinite(result.tokens).all()
     err = rel_err(result.tokens, fp32)
     assert 0 < err < 0.2  # autocast changes the numbers, not the sample
+
+
+def test_clip_denoised_bounds_the_predicted_start(tiny_model):
+    free = _baseline(tiny_model, "sampler.num_iter=3").generate(labels=[1], seed=0).tokens
+    clipped = _baseline(tiny_model, "sampler.num_iter=3", "sampler.clip_denoised=true").generate(labels=[1], seed=0)
+    assert clipped.report["sampler"]["clip_denoised"] is True
+    # the last reverse step returns the (clamped) mean at t=0: a convex mix of values in [-1, 1] and x_1
+    assert clipped.tokens.abs().max() < free.abs().max()
+    assert tiny_model.diffloss.clip_denoised is True
+    _baseline(tiny_model, "sampler.num_iter=3").generate(labels=[1], seed=0)
+    assert tiny_model.diffloss.clip_denoised is False  # set per run from the settings, not sticky

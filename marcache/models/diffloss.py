@@ -142,6 +142,9 @@ class DiffLoss(nn.Module):
         self.train_diffusion = GaussianDiffusion("")
         self.gen_diffusion = GaussianDiffusion(num_sampling_steps)
         self._schedules: dict[str, GaussianDiffusion] = {self.gen_diffusion.spec: self.gen_diffusion}
+        # clamp predicted x_0 to [-1, 1] while sampling (pixel-space models); the sampler sets it from
+        # the sampler settings, False (the reference) for latent models
+        self.clip_denoised = False
 
     def schedule(self, steps: int | str) -> GaussianDiffusion:
         """The diffusion respaced to ``steps`` head steps, on the same device as the head."""
@@ -185,7 +188,7 @@ class DiffLoss(nn.Module):
                 out = torch.cat([eps, out[:n, self.in_channels :]], dim=1)
             else:
                 out = self.net.forward_embedded(x, t_emb + c_emb)
-            step = sched.p_mean_variance_from_output(out, x, t)
+            step = sched.p_mean_variance_from_output(out, x, t, self.clip_denoised)
             nonzero = 1.0 if i != 0 else 0.0
             x = step["mean"] + nonzero * torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
         return x

@@ -167,8 +167,12 @@ class GaussianDiffusion(nn.Module):
         mean = self._at(self.posterior_mean_coef1, t) * x_start + self._at(self.posterior_mean_coef2, t) * x_t
         return mean, self._at(self.posterior_variance, t), self._at(self.posterior_log_variance_clipped, t)
 
-    def p_mean_variance_from_output(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> dict:
-        """Mean/variance of p(x_{t-1} | x_t) from the net's 2C output channels (eps, v)."""
+    def p_mean_variance_from_output(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                                    clip_denoised: bool = False) -> dict:
+        """Mean/variance of p(x_{t-1} | x_t) from the net's 2C output channels (eps, v).
+
+        ``clip_denoised`` clamps the predicted x_0 to [-1, 1] (ADM's option for pixel-space models;
+        MAR's latents are unbounded and the reference passes False)."""
         c = x.shape[1]
         eps, var_values = model_output[:, :c], model_output[:, c:]
         min_log = self._at(self.posterior_log_variance_clipped, t)
@@ -176,6 +180,8 @@ class GaussianDiffusion(nn.Module):
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = self._at(self.sqrt_recip_alphas_cumprod, t) * x - self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance, "pred_xstart": pred_xstart}
 
