@@ -22,6 +22,7 @@ FTS = [{"name": "fts"}]
 LAZY = [{"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 9}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 5, "refresh_interval": 9}}]
 HEAD = [{"name": "lazymar_head", "params": {"scale_with_head_steps": False}}]
+GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0], "head_max": 25, "head_min": 10, "head_rec": 10}}]
 CANDIDATES = {
     "baseline": [],
     "lazymar": LAZY + [{"name": "lazymar_head"}],
@@ -35,14 +36,28 @@ CANDIDATES = {
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}}] + HEAD,
     "recap+head": [{"name": "recap"}] + HEAD,
+    # GtR's head ramp scaled to mar_mnist's 50-step baseline (the paper's 50->20 is for 100 steps)
+    "gtr_fts(head 25->10)": GTR_HALF + [{"name": "fts", "params": {"detail_steps": 25}}],
+    "gtr_fts(head 25->10)+lazymar(2,2)": GTR_HALF + [{"name": "fts", "params": {"detail_steps": 25}}] + [
+        {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}},
+        {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}}],
+    "turbo (policies/turbo.yaml)": "turbo",
+    # ReCAP's claim is quality at equal cost: both at several step counts
+    "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
+    "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
+    "baseline @32 steps": {"sampler": {"num_iter": 32}, "plugins": []},
+    "recap @24 steps": {"sampler": {"num_iter": 24}, "plugins": [{"name": "recap"}]},
+    "recap @32 steps": {"sampler": {"num_iter": 32}, "plugins": [{"name": "recap"}]},
     "fewer: 8 steps x 25 head": {"sampler": {"num_iter": 8, "head_steps": 25}, "plugins": []},
     "fewer: 5 steps x 20 head": {"sampler": {"num_iter": 5, "head_steps": 20}, "plugins": []},
 }
 
 
 def as_policy(entry):
-    from marcache.policy import resolve_policy
+    from marcache.policy import load_policy, resolve_policy
 
+    if isinstance(entry, str):
+        return load_policy(entry)
     raw = entry if isinstance(entry, dict) else {"plugins": entry}
     return resolve_policy(raw, source="search")
 
