@@ -15,7 +15,8 @@ import torch
 from ..errors import ConfigError
 from . import sharded
 
-#: default sample count of ``marcache eval`` (two baseline seeds differ by < 3% FID at this N: docs/evaluation.md)
+#: default sample count of ``marcache eval``. Measured: at N = 1000 two baseline seeds differ by 3.3 % FID
+#: (77.23 vs 74.70, docs/mnist.md); whether 5000 brings it under 3 % is not measured yet.
 DEFAULT_NUM_SAMPLES = 5000
 DEFAULT_SHARD_SIZE = 500
 
