@@ -31,7 +31,7 @@ import torch
 
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
-from marcache.models.partial import CachedPass, TokenSelection, shared_feature_cache
+from marcache.models.partial import CachedPass, TokenSelection, buffer_and_new_tokens, shared_feature_cache
 from marcache.plugin import Plugin, register_plugin
 
 #: RETAIN_RATIO_SCHEDULE of the released code (64 MAR steps)
@@ -113,7 +113,7 @@ class LazyMARTokenCache(Plugin):
     def marcache_forward_plan(self, step, plan):
         cfg = self.config
         model = step.gen.model
-        buf, positions = model.buffer_size, model.buffer_size + model.seq_len
+        positions = model.buffer_size + model.seq_len
         plan.mode, plan.owner = "cached", self.name
         plan.cache = shared_feature_cache(step.store, CACHE_DTYPES[cfg.cache_dtype])
         if is_full_step(step.step, cfg.warmup_steps, cfg.refresh_interval):
@@ -124,11 +124,8 @@ class LazyMARTokenCache(Plugin):
             return
         n_pred, n_prev = step.tokens_this_step, int(step.prev_mask_to_pred[0].sum())
         keep = max(n_pred + n_prev + cfg.forced_margin, math.floor(positions * keep_ratio(cfg.keep_ratios, step.step, step.num_steps)))
-        b = step.gen.batch_size
-        buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
-        prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
         forced = model.with_buffer(step.mask_to_pred | step.prev_mask_to_pred)
-        plan.spec = CachedPass(encoder_queries=torch.cat([buffer, prev], dim=1),
+        plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step),
                                selection=TokenSelection(self.selection_layer, min(keep, positions), forced))
         self.engagement["lazy_steps"] += 1
         self.engagement["decoder_tokens_recomputed"] += min(keep, positions)

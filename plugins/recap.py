@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from marcache.hookspecs import hookimpl
-from marcache.models.partial import CachedPass, shared_feature_cache
+from marcache.models.partial import CachedPass, buffer_and_new_tokens, shared_feature_cache
 from marcache.plugin import Plugin, register_plugin
 
 
@@ -70,9 +70,8 @@ class ReCAP(Plugin):
         gen, model = step.gen, step.gen.model
         b, buf = gen.batch_size, model.buffer_size
         buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
-        prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
         group = self._group_positions(gen, first).to(step.mask.device) + buf
-        plan.spec = CachedPass(encoder_queries=torch.cat([buffer, prev], dim=1),
+        plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step),
                                decoder_queries=torch.cat([buffer, group], dim=1))
         self.engagement["local_fe"] += 1
         self.engagement["local_tokens"] += step.tokens_this_step * b

@@ -132,6 +132,15 @@ def shared_feature_cache(store, dtype: torch.dtype = torch.float32) -> FeatureCa
     return cache
 
 
+def buffer_and_new_tokens(step) -> torch.Tensor:
+    """Encoder queries of an incremental pass: the buffer + the tokens decoded at the previous step,
+    ``[B, buffer + n_prev]`` positions (LazyMAR's lazy steps, ReCAP's Local-FEs)."""
+    buf, b = step.gen.model.buffer_size, step.gen.batch_size
+    buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
+    prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
+    return torch.cat([buffer, prev], dim=1)
+
+
 def _per_row(pos: Optional[torch.Tensor], r: int) -> Optional[torch.Tensor]:
     """Per-sample positions ``[B, q]`` -> per-row ``[R, q]`` (CFG halves share positions)."""
     if pos is None:
