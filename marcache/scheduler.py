@@ -142,6 +142,7 @@ class Sampler:
             hook.marcache_step_end(step=step, record=record)
             self._log_step(record, head)
             prev, mask, masked = step.mask_to_pred, mask_next, masked_after
+            gen.store.note_peak()
         hook.marcache_generation_end(gen=gen, tokens=tokens)
         self._cache_peak = dict(gen.store.peak_bytes)
         gen.store.clear()

@@ -35,6 +35,11 @@ class CacheStore:
     def get(self, plugin: str, key: str, default: Any = None) -> Any:
         return self._data.get(plugin, {}).get(key, default)
 
+    def note_peak(self) -> None:
+        """Record the current size of every namespace (caches allocated after ``put`` grow later)."""
+        for name in list(self._data):
+            self.peak_bytes[name] = max(self.peak_bytes[name], self.nbytes(name))
+
     def nbytes(self, plugin: Optional[str] = None) -> int:
         names = [plugin] if plugin is not None else list(self._data)
         return sum(_nbytes(v) for n in names for v in self._data.get(n, {}).values())
@@ -50,6 +55,8 @@ def _nbytes(value: Any) -> int:
         return sum(_nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
+    if callable(getattr(value, "nbytes", None)):  # e.g. the FeatureCache of partial passes
+        return int(value.nbytes())
     return 0
 
 

@@ -137,6 +137,7 @@ def test_lazymar_recomputes_predicted_tokens_and_differs(model):
     assert torch.isfinite(result.tokens).all() and rel_err(result.tokens, expected) > 1e-4
     eng = result.report["engagement"]
     assert eng["lazymar_token_cache"]["lazy_steps"] == 6 and eng["lazymar_cond_cache"]["cond_only_steps"] == 6
+    assert result.report["cache_peak_bytes"]["features"] > 0 and result.report["cache_peak_bytes"]["lazymar_cond_cache"] > 0
     cond_only = [s for s in result.report["steps"] if s["decoder"][0]["rows"] == 2 and s["encoder"][0]["rows"] == 2]
     assert len(cond_only) == 6, "lazy steps run the conditional rows only"
     # late lazy steps (keep ratio < 1) narrow the decoder after the selection layer
