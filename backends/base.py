@@ -36,5 +36,9 @@ class Backend(ABC):
         """Sample the predicted tokens: ``z [R, k, D]``, ``noise [B, k, T_max + 1, C]`` (the per-sample
         Gaussian draws), returns ``[B, k, C]`` float32 token values."""
 
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a host tensor the scheduler built (the per-sample head noise) to the device."""
+        return tensor.to(self.device)
+
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "dtype": self.dtype}

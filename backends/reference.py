@@ -61,7 +61,7 @@ class ReferenceBackend(Backend):
         if not cache.ready:
             cache.allocate(model, total, tokens.device)
         run = slice(0, b) if plan.branches == "cond" else slice(0, total)
-        states = cached_forward(model, tokens[run], mask[run], class_emb[run], cache, plan.spec, run)
+        states = cached_forward(model, tokens[run], mask[run], class_emb[run], cache, plan.spec, run, step.num_masked)
         if plan.branches == "cond" and gen.guided:
             states = torch.cat([states, states + plan.cond_diff.to(states.dtype)])
         return states

@@ -78,7 +78,7 @@ def transformer_runs(step, plan: ForwardPlan) -> tuple[list[TransformerRun], lis
     """The encoder and decoder work a forward plan implies at ``step`` (what the backend executes)."""
     gen, model = step.gen, step.gen.model
     rows = 2 * gen.batch_size if gen.guided else gen.batch_size
-    enc = model.buffer_size + gen.seq_len - int(step.mask[0].sum())
+    enc = model.buffer_size + gen.seq_len - step.num_masked
     dec = model.buffer_size + gen.seq_len
     n_enc, n_dec = len(model.encoder_blocks), len(model.decoder_blocks)
     if plan.mode == "full":

@@ -134,10 +134,10 @@ class Sampler:
             head = HeadPlan(steps=None, temperature=gen.temperature, owner="")
             hook.marcache_head_plan(step=step, plan=head, z=z[:b])
             self._check_head_plan(head, b, count)
-            noise = self._head_noise(gen, head.steps, c)
+            noise = self.backend.upload(self._head_noise(gen, head.steps, c))
             new_tokens = self.backend.run_head(step, z, head, noise)
-            tokens = tokens.clone()
-            tokens[step.mask_to_pred] = new_tokens.reshape(-1, c).to(tokens.dtype)
+            # row-major fill of the predicted positions (no boolean indexing: no device sync)
+            tokens = tokens.masked_scatter(step.mask_to_pred.unsqueeze(-1), new_tokens.to(tokens.dtype))
             record = self._record(step, forward, head, z.shape[0])
             hook.marcache_step_end(step=step, record=record)
             self._log_step(record, head)
@@ -186,7 +186,7 @@ class Sampler:
         for i, g in enumerate(gen.generators):
             t = int(steps[i].max())
             noise[i, :, : t + 1] = torch.randn(k, t + 1, channels, generator=g)
-        return noise.to(gen.device)
+        return noise
 
     @staticmethod
     def _record(step: StepState, forward: ForwardPlan, head: HeadPlan, rows: int) -> StepRecord:
@@ -208,7 +208,7 @@ class Sampler:
 
     def _log_step(self, record: StepRecord, head: HeadPlan) -> None:
         self.step_log.append({
-            "batch": self._batch_index, "step": record.step, "tokens": int(record.predicted[0].sum()), "cfg_scale": record.cfg_scale,
+            "batch": self._batch_index, "step": record.step, "tokens": int(head.steps.shape[1]), "cfg_scale": record.cfg_scale,
             "encoder": [vars(r) for r in record.encoder_runs], "decoder": [vars(r) for r in record.decoder_runs],
             "rows": record.rows,
             "head_rows_by_steps": {str(k): v for k, v in sorted(record.head_rows_by_steps.items())},

@@ -115,6 +115,13 @@ class GenerationState:
         return len(self.tokens_per_step) if self.tokens_per_step is not None else self.num_iter
 
 
+def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of each row of ``mask [R, P]`` in ascending order, ``[R, count]``,
+    when every row has exactly ``count`` of them. Same result as ``mask.nonzero()`` per row, but the
+    size comes from the host, so no device sync (a stable sort puts the True entries first)."""
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
 @dataclass
 class StepState:
     """One masked-decoding step, as seen by the per-step hooks.
@@ -157,9 +164,20 @@ class StepState:
         """Fraction of steps completed before this one, in [0, 1)."""
         return self.step / self.gen.num_steps
 
+    # counts come from the host-side schedule: reading them never waits for the device
     @property
     def tokens_this_step(self) -> int:
-        return int(self.mask_to_pred[0].sum())
+        return self.gen.tokens_per_step[self.step]
+
+    @property
+    def tokens_prev_step(self) -> int:
+        """Tokens predicted at the previous step (0 at the first)."""
+        return self.gen.tokens_per_step[self.step - 1] if self.step > 0 else 0
+
+    @property
+    def num_masked(self) -> int:
+        """Positions still masked before this step."""
+        return sum(self.gen.tokens_per_step[self.step:])
 
     @property
     def cond_rows(self) -> slice:

@@ -122,7 +122,7 @@ class LazyMARTokenCache(Plugin):
             plan.spec = CachedPass(selection=TokenSelection(self.selection_layer, positions, forced))
             self.engagement["full_steps"] += 1
             return
-        n_pred, n_prev = step.tokens_this_step, int(step.prev_mask_to_pred[0].sum())
+        n_pred, n_prev = step.tokens_this_step, step.tokens_prev_step
         keep = max(n_pred + n_prev + cfg.forced_margin, math.floor(positions * keep_ratio(cfg.keep_ratios, step.step, step.num_steps)))
         forced = model.with_buffer(step.mask_to_pred | step.prev_mask_to_pred)
         plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step),

@@ -179,7 +179,7 @@ class LazyMARHeadCache:
         for j, i in enumerate(range(num_steps - 1, -1, -1)):
             kind = kinds[j]
             t = torch.full((n,), i, dtype=torch.long, device=z.device)
-            t_emb = net.time_embed(sched.timestep_map[t[:1]])
+            t_emb = diffloss.time_embedding(sched, j)
             if kind == FULL:
                 h = torch.cat([x, x], dim=0) if guided else x
                 out = self._trunk(net, h, t_emb + c_emb, skip, residual, mlp_out, store_rows=cached_rows)

@@ -26,7 +26,10 @@ def official_prenorm(model, tokens, mask, class_emb):
     return h
 
 
-def random_state(model, b=3, masked=10, seed=0):
+MASKED = 10  # masked positions per row in random_state
+
+
+def random_state(model, b=3, masked=MASKED, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(b, model.seq_len, model.token_embed_dim, generator=g)
     mask = torch.zeros(b, model.seq_len)
@@ -41,7 +44,7 @@ def test_full_pass_equals_official_forward(model, dtype):
     tokens, mask, ce = random_state(model)
     cache = FeatureCache(dtype=dtype)
     cache.allocate(model, 3, "cpu")
-    out = cached_forward(model, tokens, mask, ce, cache, CachedPass(), slice(0, 3))
+    out = cached_forward(model, tokens, mask, ce, cache, CachedPass(), slice(0, 3), MASKED)
     assert rel_err(out, official_prenorm(model, tokens, mask, ce)) < 1e-6
 
 
@@ -51,12 +54,12 @@ def test_zero_staleness_partial_pass_equals_full(model):
     tokens, mask, ce = random_state(model, seed=1)
     cache = FeatureCache()
     cache.allocate(model, 3, "cpu")
-    full = cached_forward(model, tokens, mask, ce, cache, CachedPass(), slice(0, 3)).clone()
+    full = cached_forward(model, tokens, mask, ce, cache, CachedPass(), slice(0, 3), MASKED).clone()
     buf = model.buffer_size
     present = (model.with_buffer(mask) == 0).nonzero(as_tuple=True)[1].reshape(3, -1)
     group = torch.tensor([[buf + 1, buf + 5, buf + 9]] * 3)
     spec = CachedPass(encoder_queries=present[:, :buf + 2], decoder_queries=torch.cat([torch.arange(buf).expand(3, -1), group], 1))
-    local = cached_forward(model, tokens, mask, ce, cache, spec, slice(0, 3))
+    local = cached_forward(model, tokens, mask, ce, cache, spec, slice(0, 3), MASKED)
     assert rel_err(local[:, buf:][:, [1, 5, 9]], full[:, buf:][:, [1, 5, 9]]) < 1e-6
 
 
@@ -66,12 +69,12 @@ def test_selection_keeps_forced_and_most_changed(model):
     cache = FeatureCache()
     cache.allocate(model, 3, "cpu")
     p = model.buffer_size + model.seq_len
-    cached_forward(model, tokens, mask, ce, cache, CachedPass(selection=TokenSelection(2, p, torch.zeros(3, p, dtype=torch.bool))), slice(0, 3))
+    cached_forward(model, tokens, mask, ce, cache, CachedPass(selection=TokenSelection(2, p, torch.zeros(3, p, dtype=torch.bool))), slice(0, 3), MASKED)
     tokens2 = tokens.clone()
     tokens2[:, 3] += 5.0  # a large change at token 3 (if visible) moves many values
     forced = torch.zeros(3, p, dtype=torch.bool)
     forced[:, model.buffer_size + 7] = True
-    cached_forward(model, tokens2, mask, ce, cache, CachedPass(selection=TokenSelection(2, 6, forced)), slice(0, 3))
+    cached_forward(model, tokens2, mask, ce, cache, CachedPass(selection=TokenSelection(2, 6, forced)), slice(0, 3), MASKED)
     kept = cache.last_decoder_positions
     assert kept.shape == (3, 6)
     assert torch.all((kept == model.buffer_size + 7).any(dim=1))

@@ -173,14 +173,28 @@ class DiffLoss(nn.Module):
         output is a copy driven by the same guided epsilon and is dropped by MAR anyway).
         """
         sched = self.schedule(steps) if steps is not None else self.gen_diffusion
-        guided = cfg != 1.0
+        # The condition embedding is the same at every step of the chain; only time changes.
+        return self.run_chain(self.net.cond_embed(z), noise, temperature, cfg, sched, guided=cfg != 1.0)
+
+    def time_embedding(self, sched: GaussianDiffusion, j: int) -> torch.Tensor:
+        """``[1, W]`` time embedding of the j-th reverse step of ``sched`` (the same for every row)."""
+        i = sched.num_timesteps - 1 - j
+        return self.net.time_embed(sched.timestep_map[i : i + 1])
+
+    def run_chain(self, c_emb: torch.Tensor, noise: torch.Tensor, temperature, cfg, sched: GaussianDiffusion,
+                  guided: bool, time_embeddings: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """The reverse chain from embedded conditions: the one definition of the head's sampling math.
+
+        ``c_emb``: ``net.cond_embed(z)``, ``[N, W]`` (``[2N, W]`` cond rows then uncond rows when
+        ``guided``). ``temperature`` and ``cfg`` are floats or 0-d tensors (a captured CUDA graph reads
+        them from static buffers). ``time_embeddings``: precomputed :meth:`time_embedding` per step.
+        Shapes and control flow depend only on ``(N, T, guided)``: no host sync inside.
+        """
         n = noise.shape[0]
         x = noise[:, 0]
-        # The condition embedding is the same at every step of the chain; only time changes.
-        c_emb = self.net.cond_embed(z)
         for j, i in enumerate(range(sched.num_timesteps - 1, -1, -1)):
-            t = torch.full((n,), i, dtype=torch.long, device=z.device)
-            t_emb = self.net.time_embed(sched.timestep_map[t[:1]])
+            t = torch.full((n,), i, dtype=torch.long, device=c_emb.device)
+            t_emb = time_embeddings[j] if time_embeddings is not None else self.time_embedding(sched, j)
             if guided:
                 out = self.net.forward_embedded(torch.cat([x, x], dim=0), t_emb + c_emb)
                 eps_c, eps_u = out[:n, : self.in_channels], out[n:, : self.in_channels]
@@ -189,8 +203,10 @@ class DiffLoss(nn.Module):
             else:
                 out = self.net.forward_embedded(x, t_emb + c_emb)
             step = sched.p_mean_variance_from_output(out, x, t, self.clip_denoised)
-            nonzero = 1.0 if i != 0 else 0.0
-            x = step["mean"] + nonzero * torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
+            if i != 0:  # no noise at the last step
+                x = step["mean"] + torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
+            else:
+                x = step["mean"]
         return x
 
     @torch.no_grad()

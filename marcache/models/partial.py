@@ -135,9 +135,11 @@ def shared_feature_cache(store, dtype: torch.dtype = torch.float32) -> FeatureCa
 def buffer_and_new_tokens(step) -> torch.Tensor:
     """Encoder queries of an incremental pass: the buffer + the tokens decoded at the previous step,
     ``[B, buffer + n_prev]`` positions (LazyMAR's lazy steps, ReCAP's Local-FEs)."""
+    from marcache.state import mask_positions
+
     buf, b = step.gen.model.buffer_size, step.gen.batch_size
     buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
-    prev = step.prev_mask_to_pred.nonzero(as_tuple=True)[1].reshape(b, -1) + buf
+    prev = mask_positions(step.prev_mask_to_pred, step.tokens_prev_step) + buf
     return torch.cat([buffer, prev], dim=1)
 
 
@@ -148,19 +150,22 @@ def _per_row(pos: Optional[torch.Tensor], r: int) -> Optional[torch.Tensor]:
     return pos.repeat(r // pos.shape[0], *([1] * (pos.dim() - 1))).contiguous()
 
 
-def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, spec: CachedPass, rows: slice) -> torch.Tensor:
+def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, spec: CachedPass, rows: slice,
+                   num_masked: int) -> torch.Tensor:
     """Run the encoder and decoder as ``spec`` says, reading and updating ``cache``.
 
-    ``tokens [R, L, C]``, ``mask [R, L]`` (1 = masked) and ``class_embedding [R, D]`` are the rows
-    ``rows`` of the (CFG-doubled) batch. Returns the final decoder states before ``decoder_norm``,
-    ``[R, P, D]``, exact at the decoder's query positions (other positions hold cached states).
+    ``tokens [R, L, C]``, ``mask [R, L]`` (1 = masked, ``num_masked`` per row) and
+    ``class_embedding [R, D]`` are the rows ``rows`` of the (CFG-doubled) batch. Returns the final
+    decoder states before ``decoder_norm``, ``[R, P, D]``, exact at the decoder's query positions
+    (other positions hold cached states).
     """
+    from marcache.state import mask_positions
+
     r = tokens.shape[0]
     device = tokens.device
-    buf = model.buffer_size
     visible = model.with_buffer(mask) == 0  # [R, P]
     p = visible.shape[1]
-    present = visible.nonzero(as_tuple=True)[1].reshape(r, -1)
+    present = mask_positions(visible, p - num_masked)
 
     # ---------------------------------------------------------------- encoder
     enc_in = model.encoder_input(tokens, class_embedding)  # position-wise, all positions
