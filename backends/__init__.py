@@ -1,7 +1,9 @@
 """Execution backends (installed as ``marcache.backends``).
 
-``reference``: eager PyTorch on CPU or CUDA (float32, or bf16/fp16 autocast). ``auto`` picks the
-best registered backend for the device. Backends implement :class:`~marcache.backends.base.Backend`.
+``reference``: eager PyTorch on CPU or CUDA (float32, or bf16/fp16 autocast), the executable
+definition of every plan. ``cuda``: the same plans with captured head graphs, static buffers and no
+per-step host sync (:mod:`marcache.backends.cuda`). ``auto`` picks ``cuda`` on a CUDA device and
+``reference`` elsewhere. Backends implement :class:`~marcache.backends.base.Backend`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import torch
 from marcache.errors import ConfigError
 
 from .base import Backend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 
-BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend}
+BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend, "cuda": CudaBackend}
+
+
+def auto_backend_name(device: torch.device) -> str:
+    """The backend ``auto`` resolves to on ``device``."""
+    return "cuda" if device.type == "cuda" else "reference"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,7 +40,7 @@ def get_backend(name: str = "auto", device: str = "auto", dtype: str = "float32"
     """Instantiate a backend by name (``auto`` = the best one available for the device)."""
     dev = resolve_device(device)
     if name == "auto":
-        name = "reference"
+        name = auto_backend_name(dev)
     if name not in BACKENDS:
         raise ConfigError(f"backend.name={name!r}: unknown backend; available: auto, {', '.join(BACKENDS)}")
     if dtype != "float32" and dev.type == "cpu" and dtype == "float16":
@@ -40,4 +48,4 @@ def get_backend(name: str = "auto", device: str = "auto", dtype: str = "float32"
     return BACKENDS[name](dev, dtype)
 
 
-__all__ = ["Backend", "ReferenceBackend", "BACKENDS", "get_backend", "resolve_device"]
+__all__ = ["Backend", "ReferenceBackend", "CudaBackend", "BACKENDS", "auto_backend_name", "get_backend", "resolve_device"]

@@ -48,8 +48,12 @@ class ReferenceBackend(Backend):
                 z = model.decoder_output(self._cached_states(step, plan, tokens, mask, class_emb))
             else:
                 raise ConfigError(f"forward plan mode {plan.mode!r} (set by {plan.owner!r}) is not supported by the {self.name} backend")
-        pred = step.mask_to_pred.repeat(rows, 1)
-        return z[pred].reshape(z.shape[0], -1, z.shape[-1]).float()
+        return self.predicted_rows(step, z).float()
+
+    def predicted_rows(self, step, z: torch.Tensor) -> torch.Tensor:
+        """``z [R, L, D]`` -> ``[R, k, D]`` at the positions predicted this step (ascending)."""
+        pred = step.mask_to_pred.repeat(z.shape[0] // step.gen.batch_size, 1)
+        return z[pred].reshape(z.shape[0], -1, z.shape[-1])
 
     @staticmethod
     def _cached_states(step, plan, tokens, mask, class_emb) -> torch.Tensor:

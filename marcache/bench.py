@@ -391,6 +391,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--match-tolerance", type=float, default=0.05,
                    help="skip a fewer-steps row whose FLOPs miss the policy's by more than this fraction (default 0.05)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 avoids oversubscription on shared CPUs)")
+    from marcache.cli import add_backend_arg
+
+    add_backend_arg(p)
     p.add_argument("--eval", action="store_true", help="also FID / class accuracy per row (marcache.evaluation)")
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--plot", help="PNG path of the speed-vs-FID (or FLOPs) plot (default: OUT/bench.png with --out)")

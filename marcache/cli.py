@@ -36,7 +36,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="baseline", help="policy YAML file or shipped policy name (default baseline)")
+    add_backend_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="policy overrides: sampler.num_iter=32, backend.dtype=bfloat16, <plugin>.<param>=v")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    from marcache.backends import BACKENDS
+
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default=None,
+                   help="execution backend (same as the override backend.name=...; default: the policy's, auto = "
+                        "cuda on a CUDA device, else reference)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +177,8 @@ def cmd_policy(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "backend", None):  # the flag is an override applied last
+            args.overrides = [*args.overrides, f"backend.name={args.backend}"]
         return args.func(args)
     except MarcacheError as exc:
         print(f"marcache: error: {exc}", file=sys.stderr)

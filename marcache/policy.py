@@ -57,7 +57,7 @@ class SamplerConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "auto"  # auto | reference | any registered backend
+    name: str = "auto"  # auto (cuda on a CUDA device, else reference) | reference | cuda | any registered backend
     dtype: str = "float32"  # autocast dtype of the transformer and head: float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
