@@ -1,7 +1,7 @@
 """The hooked loop with only built-in plugins is the official MAR sampler."""
 
 import json
-import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,66 +13,10 @@ from marcache.plugins.cosine_schedule import cosine_tokens_per_step
 from marcache.policy import load_policy
 from marcache.scheduler import Sampler, generate_tokens, sample_generators
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from official_loop import official_sample_tokens  # noqa: E402  (the benchmarks' external baseline)
+
 SCHEDULES = json.loads((Path(__file__).parent / "fixtures" / "mar_parity" / "schedules.json").read_text())
-
-
-def official_loop(model, labels, num_iter, cfg, cfg_schedule, temperature, seed, sample_ids):
-    """A straightforward transcription of LTH14/mar ``MAR.sample_tokens`` + ``DiffLoss.sample``.
-
-    The only change is where randomness comes from (marcache's documented protocol): sample i's
-    generator gives its order (randperm) and, at each step, one ``[k, T+1, C]`` noise block.
-    """
-    bsz, seq_len, c = len(labels), model.seq_len, model.token_embed_dim
-    gens = sample_generators(seed, sample_ids)
-    orders = torch.stack([torch.randperm(seq_len, generator=g) for g in gens])
-    mask = torch.ones(bsz, seq_len)
-    tokens = torch.zeros(bsz, seq_len, c)
-    diffusion = model.diffloss.gen_diffusion
-    n_t = diffusion.num_timesteps
-    labels = torch.tensor(labels)
-    for step in range(num_iter):
-        cur_tokens = tokens.clone()
-        class_embedding = model.class_emb(labels)
-        if cfg != 1.0:
-            tokens = torch.cat([tokens, tokens], dim=0)
-            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)], dim=0)
-            mask = torch.cat([mask, mask], dim=0)
-        x = model.forward_mae_encoder(tokens, mask, class_embedding)
-        z = model.forward_mae_decoder(x, mask)
-        mask_ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
-        mask_len = torch.Tensor([math.floor(seq_len * mask_ratio)])
-        mask_len = torch.maximum(torch.Tensor([1]), torch.minimum(torch.sum(mask, dim=-1, keepdims=True) - 1, mask_len))
-        mask_next = torch.zeros(bsz, seq_len).scatter(-1, orders[:, : int(mask_len[0])], torch.ones(bsz, seq_len)).bool()
-        if step >= num_iter - 1:
-            mask_to_pred = mask[:bsz].bool()
-        else:
-            mask_to_pred = torch.logical_xor(mask[:bsz].bool(), mask_next)
-        mask = mask_next.float()
-        if cfg != 1.0:
-            mask_to_pred = torch.cat([mask_to_pred, mask_to_pred], dim=0)
-        z = z[mask_to_pred.nonzero(as_tuple=True)]
-        if cfg_schedule == "linear":
-            cfg_iter = 1 + (cfg - 1) * (seq_len - mask_len[0]) / seq_len
-        else:
-            cfg_iter = cfg
-        k = int(mask_to_pred[0].sum())
-        noise = torch.cat([torch.randn(k, n_t + 1, c, generator=g) for g in gens])  # [B*k, T+1, C]
-        if cfg != 1.0:
-            xt = torch.cat([noise[:, 0], noise[:, 0]])
-            fn, kwargs = model.diffloss.net.forward_with_cfg, {"c": z, "cfg_scale": cfg_iter}
-        else:
-            xt = noise[:, 0]
-            fn, kwargs = model.diffloss.net.forward, {"c": z}
-        for j, i in enumerate(range(n_t - 1, -1, -1)):
-            t = torch.tensor([i] * xt.shape[0])
-            step_noise = noise[:, 1 + j] if cfg == 1.0 else torch.cat([noise[:, 1 + j], noise[:, 1 + j]])
-            xt = diffusion.p_sample(fn, xt, t, step_noise, temperature, kwargs)["sample"]
-        sampled = xt[: bsz * k] if cfg != 1.0 else xt
-        if cfg != 1.0:
-            mask_to_pred, _ = mask_to_pred.chunk(2, dim=0)
-        cur_tokens[mask_to_pred.nonzero(as_tuple=True)] = sampled
-        tokens = cur_tokens.clone()
-    return tokens
 
 
 @pytest.mark.parametrize("cfg,schedule,temperature,head", [(3.0, "linear", 1.0, "100"), (1.0, "linear", 0.95, "25"), (2.5, "constant", 1.0, "25")])
@@ -82,7 +26,8 @@ def test_identity_with_official_loop(cfg, schedule, temperature, head):
     model = make_tiny(num_sampling_steps=head)
     labels = [3, 7]
     with torch.no_grad():
-        expected = official_loop(model, labels, 6, cfg, schedule, temperature, seed=11, sample_ids=[0, 1])
+        expected = official_sample_tokens(model, labels, 6, cfg, schedule, temperature, head_steps=head,
+                                          generators=sample_generators(11, [0, 1]))
         got = generate_tokens(model, labels=labels, num_iter=6, cfg=cfg, cfg_schedule=schedule,
                               temperature=temperature, seed=11).tokens
     assert got.shape == expected.shape
