@@ -37,6 +37,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from marcache.models.mar import mask_positions
+
 from .reference import ReferenceBackend
 
 #: row buckets of the head graphs; beyond the last, rows round up to a multiple of it
@@ -188,10 +190,11 @@ class CudaBackend(ReferenceBackend):
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ encoder / decoder
+    def known_count(self, step) -> int:
+        return step.num_masked
+
     def predicted_rows(self, step, z: torch.Tensor) -> torch.Tensor:
         """``z [R, L, D]`` -> ``[R, k, D]`` at the predicted positions, by gather (no device sync)."""
-        from marcache.state import mask_positions
-
         idx = mask_positions(step.mask_to_pred, step.tokens_this_step)
         idx = idx.repeat(z.shape[0] // idx.shape[0], 1)
         return z.gather(1, idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))

@@ -42,13 +42,18 @@ class ReferenceBackend(Backend):
         class_emb = self.class_embeddings(step)
         with self.autocast():
             if plan.mode == "full":
-                x = model.forward_mae_encoder(tokens, mask, class_emb)
-                z = model.forward_mae_decoder(x, mask)
+                x = model.forward_mae_encoder(tokens, mask, class_emb, self.known_count(step))
+                z = model.forward_mae_decoder(x, mask, self.known_count(step))
             elif plan.mode == "cached":
                 z = model.decoder_output(self._cached_states(step, plan, tokens, mask, class_emb))
             else:
                 raise ConfigError(f"forward plan mode {plan.mode!r} (set by {plan.owner!r}) is not supported by the {self.name} backend")
         return self.predicted_rows(step, z).float()
+
+    def known_count(self, step):
+        """The masked count per row handed to the model's gathers: None = the official boolean
+        indexing (a device sync on CUDA); the CUDA backend passes the host-side count."""
+        return None
 
     def predicted_rows(self, step, z: torch.Tensor) -> torch.Tensor:
         """``z [R, L, D]`` -> ``[R, k, D]`` at the positions predicted this step (ascending)."""

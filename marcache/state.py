@@ -115,13 +115,6 @@ class GenerationState:
         return len(self.tokens_per_step) if self.tokens_per_step is not None else self.num_iter
 
 
-def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the True entries of each row of ``mask [R, P]`` in ascending order, ``[R, count]``,
-    when every row has exactly ``count`` of them. Same result as ``mask.nonzero()`` per row, but the
-    size comes from the host, so no device sync (a stable sort puts the True entries first)."""
-    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
-
-
 @dataclass
 class StepState:
     """One masked-decoding step, as seen by the per-step hooks.

@@ -109,6 +109,19 @@ def test_padding_rows_never_reach_the_real_rows(model):
         runner(torch.zeros(9, cond.shape[1]), torch.zeros(9, cond.shape[1]), torch.zeros(9, 11, head.in_channels), 2.5, 1.0)
 
 
+@torch.no_grad()
+def test_position_gathers_equal_the_official_boolean_indexing(model):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(3, model.seq_len, model.token_embed_dim, generator=g)
+    mask = torch.zeros(3, model.seq_len)
+    for row in mask:
+        row[torch.randperm(model.seq_len, generator=g)[:9]] = 1
+    emb = model.class_emb(torch.tensor([0, 4, 9]))
+    official = model.forward_mae_decoder(model.forward_mae_encoder(tokens, mask, emb), mask)
+    gathered = model.forward_mae_decoder(model.forward_mae_encoder(tokens, mask, emb, 9), mask, 9)
+    assert torch.equal(gathered, official)
+
+
 def test_precomputed_time_embeddings_equal_the_chain_s(model):
     head = model.diffloss
     runner = HeadChainRunner(head, ChainKey(4, 25, False, False), torch.device("cpu"), ReferenceBackend(torch.device("cpu")).autocast, False)

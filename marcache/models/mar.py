@@ -31,6 +31,13 @@ def _truncnorm_ppf(u: np.ndarray, a: float, b: float) -> np.ndarray:
     return np.array([nd.inv_cdf(lo + float(x) * (hi - lo)) for x in np.atleast_1d(u)])
 
 
+def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of each row of ``mask [R, P]`` in ascending order, ``[R, count]``,
+    when every row has exactly ``count`` of them. Same result as ``mask.nonzero()`` per row, but the
+    size comes from the host, so no device sync (a stable sort puts the True entries first)."""
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
 class MAR(nn.Module):
     """The MAR encoder/decoder with its diffusion head. Constructor = the official one."""
 
@@ -169,29 +176,47 @@ class MAR(nn.Module):
                 x = block(x)
         return x
 
-    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
-        """Encode the visible tokens. ``mask [B, L]``: 1 = masked (dropped); equal count per row."""
+    def visible_positions(self, mask: torch.Tensor, num_masked: int) -> torch.Tensor:
+        """``[B, buffer + L - num_masked]`` positions (buffer included) of the visible tokens, ascending."""
+        return mask_positions(self.with_buffer(mask) == 0, self.buffer_size + self.seq_len - num_masked)
+
+    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
+                            num_masked: Optional[int] = None) -> torch.Tensor:
+        """Encode the visible tokens. ``mask [B, L]``: 1 = masked (dropped); equal count per row.
+
+        With ``num_masked`` (the per-row count, known on the host) the visible tokens are gathered by
+        position instead of boolean indexing: the same values, no device sync.
+        """
         bsz = x.shape[0]
         if self.training:
             # label dropout: replace the class embedding by the null class with prob label_drop_prob
             drop = (torch.rand(bsz, device=x.device) < self.label_drop_prob).unsqueeze(-1).to(x.dtype)
             class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
         x = self.encoder_input(x, class_embedding)
-        keep = (1 - self.with_buffer(mask)).nonzero(as_tuple=True)
-        x = x[keep].reshape(bsz, -1, x.shape[-1])
+        if num_masked is None:
+            keep = (1 - self.with_buffer(mask)).nonzero(as_tuple=True)
+            x = x[keep].reshape(bsz, -1, x.shape[-1])
+        else:
+            pos = self.visible_positions(mask, num_masked)
+            x = torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self._run_blocks(self.encoder_blocks, x)
         return self.encoder_norm(x)
 
     # ------------------------------------------------------------ decoder
-    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor, num_masked: Optional[int] = None) -> torch.Tensor:
         """Encoder output of the visible positions -> ``[B, buffer + L, D]`` decoder inputs.
 
-        ``decoder_embed``, masked positions filled with ``mask_token``, positional embedding.
+        ``decoder_embed``, masked positions filled with ``mask_token``, positional embedding
+        (``num_masked``: as in :meth:`forward_mae_encoder`).
         """
         x = self.decoder_embed(x)
         mask_with_buffer = self.with_buffer(mask)
         padded = self.mask_token.repeat(mask_with_buffer.shape[0], mask_with_buffer.shape[1], 1).to(x.dtype)
-        padded[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
+        if num_masked is None:
+            padded[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
+        else:
+            pos = self.visible_positions(mask, num_masked)
+            padded.scatter_(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         return padded + self.decoder_pos_embed_learned
 
     def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,9 +224,9 @@ class MAR(nn.Module):
         x = self.decoder_norm(x)[:, self.buffer_size :]
         return x + self.diffusion_pos_embed_learned
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, num_masked: Optional[int] = None) -> torch.Tensor:
         """Decode all positions; returns ``z [B, L, D]`` (buffer removed, diffusion pos-embed added)."""
-        x = self._run_blocks(self.decoder_blocks, self.decoder_input(x, mask))
+        x = self._run_blocks(self.decoder_blocks, self.decoder_input(x, mask, num_masked))
         return self.decoder_output(x)
 
     # ------------------------------------------------------------ training

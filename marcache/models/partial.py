@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .mar import mask_positions
+
 
 @dataclass
 class TokenSelection:
@@ -135,8 +137,6 @@ def shared_feature_cache(store, dtype: torch.dtype = torch.float32) -> FeatureCa
 def buffer_and_new_tokens(step) -> torch.Tensor:
     """Encoder queries of an incremental pass: the buffer + the tokens decoded at the previous step,
     ``[B, buffer + n_prev]`` positions (LazyMAR's lazy steps, ReCAP's Local-FEs)."""
-    from marcache.state import mask_positions
-
     buf, b = step.gen.model.buffer_size, step.gen.batch_size
     buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
     prev = mask_positions(step.prev_mask_to_pred, step.tokens_prev_step) + buf
@@ -159,8 +159,6 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     decoder states before ``decoder_norm``, ``[R, P, D]``, exact at the decoder's query positions
     (other positions hold cached states).
     """
-    from marcache.state import mask_positions
-
     r = tokens.shape[0]
     device = tokens.device
     visible = model.with_buffer(mask) == 0  # [R, P]
