@@ -115,16 +115,27 @@ def test_fid_against_stats_file_equals_fid_against_images(tmp_path):
 
 
 def test_eval_cli_with_reference_stats(tiny_ckpt, tmp_path, capsys):
-    mu, sigma = _mnist_stats(load_mnist("test")[0][:100])
-    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
-    rc = main(["eval", "--model", "mar_tiny", "--checkpoint", str(tiny_ckpt), "--num-samples", "10",
-               "--batch-size", "10", "--reference-stats", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "e"),
-               "--json", "--no-progress", "sampler.num_iter=4", "sampler.head_steps=8"])
-    assert rc == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    test_images = load_mnist("test")[0]
+    for name, images in (("ref.npz", test_images[:100]), ("other.npz", test_images[100:200])):
+        mu, sigma = _mnist_stats(images)
+        np.savez(tmp_path / name, mu=mu, sigma=sigma)
+
+    def run(stats):
+        rc = main(["eval", "--model", "mar_tiny", "--checkpoint", str(tiny_ckpt), "--num-samples", "10",
+                   "--batch-size", "10", "--reference-stats", str(stats), "--out", str(tmp_path / "e"),
+                   "--json", "--no-progress", "sampler.num_iter=4", "sampler.head_steps=8"])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    out = run(tmp_path / "ref.npz")
     assert np.isfinite(out["fid"]) and np.isfinite(out["inception_score"]) and 0 <= out["class_accuracy"] <= 1
     assert out["kid"] is None and out["precision"] is None and out["recall"] is None
     assert out["features"] == "mnist" and out["reference"] == str(tmp_path / "ref.npz")
+    assert out["generated_now"] == 10
+    # another reference on the same --out only rescores the samples
+    again = run(tmp_path / "other.npz")
+    assert again["generated_now"] == 0 and again["reference"] == str(tmp_path / "other.npz")
+    assert again["fid"] != out["fid"] and again["class_accuracy"] == out["class_accuracy"]
 
 
 def _write_bad(kind, folder):
