@@ -138,8 +138,12 @@ def test_eval_cli_with_reference_stats(tiny_ckpt, tmp_path, capsys):
     assert again["fid"] != out["fid"] and again["class_accuracy"] == out["class_accuracy"]
 
 
+class _NotAllowed:
+    """Pickled by reference: a weights_only load must refuse it (an arbitrary global)."""
+
+
 def _write_bad(kind, folder):
-    path = folder / ("stats.txt" if kind == "suffix" else "stats.npz")
+    path = folder / {"suffix": "stats.txt", "unsafe_pt": "stats.pt"}.get(kind, "stats.npz")
     if kind == "garbage":
         path.write_bytes(b"not a numpy archive")
     elif kind == "missing_sigma":
@@ -150,14 +154,17 @@ def _write_bad(kind, folder):
         np.savez(path, mu=np.array([None] * 128, dtype=object), sigma=np.eye(128))
     elif kind == "suffix":
         path.write_text("mu sigma")
+    elif kind == "unsafe_pt":
+        torch.save({"mu": np.zeros(128, np.float32), "sigma": np.eye(128), "extra": _NotAllowed()}, path)
     elif kind == "nan":
         np.savez(path, mu=np.full(128, np.nan), sigma=np.eye(128))
     return path
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("garbage", "unreadable"), ("missing_sigma", "no 'sigma'"), ("wrong_dim", "2048-d statistics, but the mnist"),
-    ("pickled", "unreadable"), ("suffix", "expected .npz or .pt"), ("nan", "NaN"), ("absent", "no such file"),
+    ("garbage", "unreadable"), ("missing_sigma", "no 'sigma'"), ("wrong_dim", "2048-d statistics, but the mnist feature space is 128-d (2048-d statistics are Inception"),
+    ("pickled", "pickled data is never loaded"), ("suffix", "expected .npz or .pt"), ("nan", "NaN"),
+    ("absent", "no such file"), ("unsafe_pt", "unreadable"),
 ])
 def test_bad_reference_stats_exit_2_with_one_line(kind, message, tiny_ckpt, tmp_path, capsys):
     path = _write_bad(kind, tmp_path)

@@ -114,10 +114,15 @@ def _numpy_safe_globals() -> list:
 def _read_stats_file(path: Path) -> dict:
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("not an .npz archive")
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if not hasattr(z, "files"):
+                    raise ValueError("not an .npz archive")
+                return {k: z[k] for k in z.files}
+        except ValueError as exc:
+            if "pickle" in str(exc):  # numpy's wording suggests allow_pickle=True: never done here
+                raise ValueError("not an .npz archive of plain arrays; pickled data is never loaded") from None
+            raise
     if suffix in (".pt", ".pth"):
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -157,7 +162,9 @@ def load_reference_stats(path: str | os.PathLike, dim: Optional[int] = None,
         raise ConfigError(f"--reference-stats {p}: 'mu' {tuple(mu.shape)} and 'sigma' {tuple(sigma.shape)} "
                           f"are not [D] and [D, D]; {hint}")
     if dim is not None and d != dim:
-        raise ConfigError(f"--reference-stats {p}: {d}-d statistics, but the {space} feature space is {dim}-d; {hint}")
+        extra = " (2048-d statistics are Inception pool features: add --features inception)" if d == 2048 else ""
+        raise ConfigError(f"--reference-stats {p}: {d}-d statistics, but the {space} feature space is {dim}-d{extra}; "
+                          f"{hint}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ConfigError(f"--reference-stats {p}: 'mu'/'sigma' contain NaN or infinity; {hint}")
     return ReferenceStats(mu.astype(np.float32), sigma.astype(np.float64), str(p))
