@@ -17,8 +17,9 @@ import torch
 from ..errors import ConfigError
 from . import sharded
 
-#: default sample count of ``marcache eval``. Measured: at N = 1000 two baseline seeds differ by 3.3 % FID
-#: (77.23 vs 74.70, docs/mnist.md); whether 5000 brings it under 3 % is not measured yet.
+#: default sample count of ``marcache eval``: the smallest tested N at which every pair of independent
+#: baseline evaluations differs by < 3 % FID (seeds 0 / 1: 75.49 vs 74.09, 1.9 %; at N = 2500 pairs
+#: differ by up to 3.3 %, at 1000 by up to 8.5 %; benchmarks/fid_sample_size.py, docs/evaluation.md).
 DEFAULT_NUM_SAMPLES = 5000
 DEFAULT_SHARD_SIZE = 500
 
