@@ -41,8 +41,9 @@ from marcache.models.mar import mask_positions
 
 from .reference import ReferenceBackend
 
-#: row buckets of the head graphs; beyond the last, rows round up to a multiple of it
-DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: row buckets of the head graphs; beyond the last, rows round up to a multiple of it (so padding
+#: wastes < 64 rows: a power-of-two ladder would pad 700 rows to 1024)
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
 def row_bucket(rows: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
