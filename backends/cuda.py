@@ -39,7 +39,7 @@ import torch
 
 from marcache.models.mar import mask_positions
 
-from .reference import ReferenceBackend
+from .reference import _AUTOCAST, ReferenceBackend
 
 #: row buckets of the head graphs; beyond the last, rows round up to a multiple of it (so padding
 #: wastes < 64 rows: a power-of-two ladder would pad 700 rows to 1024)
@@ -172,17 +172,12 @@ class CudaBackend(ReferenceBackend):
             self._model = model
         super().prepare(model)
 
-    def autocast(self):
+    def head_autocast(self):
+        """Autocast of the head runners: a captured graph must not depend on autocast's weight-cast
+        cache (it is freed after the capture), so graphs run with ``cache_enabled=False``."""
         if self.dtype == "float32" or not self.graphs:
-            return super().autocast()
-        # a captured graph must not depend on autocast's weight-cast cache (freed after the capture)
-        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype, cache_enabled=False)
-
-    @property
-    def _autocast_dtype(self) -> torch.dtype:
-        from .reference import _AUTOCAST
-
-        return _AUTOCAST[self.dtype]
+            return self.autocast()
+        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.dtype], cache_enabled=False)
 
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -205,7 +200,7 @@ class CudaBackend(ReferenceBackend):
         """The runner of a chain shape (created, and on CUDA captured, on first use)."""
         key = ChainKey(row_bucket(rows, self.buckets), int(steps), bool(guided), bool(head.clip_denoised))
         if key not in self.runners:
-            self.runners[key] = HeadChainRunner(head, key, self.device, self.autocast, self.graphs)
+            self.runners[key] = HeadChainRunner(head, key, self.device, self.head_autocast, self.graphs)
         return self.runners[key]
 
     def run_head(self, step, z, plan, noise) -> torch.Tensor:
