@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import marcache
-    from marcache.evaluation.evaluate import evaluate
+    from marcache.evaluation import evaluate
     from marcache.flops import policy_flops
     from marcache.models import meta_model
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import resource
-from collections import Counter
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -236,10 +236,7 @@ def run_bench(model, policy_paths: list[str], args, log=print) -> dict:
             row.seconds.append(float(report["seconds"]))
 
     if args.eval:
-        from marcache.evaluation import evaluate  # provided by the evaluation module (lazy: heavy deps)
-
-        if not callable(evaluate):  # the package attribute can be shadowed by its submodule of the same name
-            evaluate = evaluate.evaluate
+        from marcache.evaluation import evaluate  # lazy: heavy deps
 
         for row in rows:
             log(f"eval {row.label} ({args.eval_samples} samples) ...")

@@ -12,7 +12,7 @@ from marcache.cli import main
 from marcache.data import load_mnist
 from marcache.errors import ConfigError
 from marcache.evaluation import inception, metrics
-from marcache.evaluation.evaluate import evaluate
+from marcache.evaluation import evaluate
 from marcache.evaluation.classifier import load_classifier, predict
 from marcache.models.registry import create_model
 

@@ -9,7 +9,7 @@
   user-supplied FID statistics (``--reference-stats``, e.g. LTH14/mar ``adm_in256_stats.npz``);
 - :mod:`.metrics`: FID, KID, precision/recall, Inception Score (torch-fidelity) + class accuracy;
 - :mod:`.sharded`: sharded, resumable, rank-independent generation (single process or torchrun);
-- :mod:`.evaluate`: ``evaluate(model, policy, num_samples, seed, batch_size) -> dict``;
+- :mod:`.runner`: ``evaluate(model, policy, num_samples, seed, batch_size) -> dict``;
 - :mod:`.cli`: ``marcache eval``.
 """
 
@@ -22,7 +22,7 @@ __all__ = ["evaluate", "score_images", "load_classifier", "shipped_path"]
 
 def __getattr__(name: str) -> Any:  # lazy: importing marcache.evaluation must not import torch-fidelity
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .runner import evaluate
 
         return evaluate
     if name == "score_images":

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
     _add_model_args(p)
     _add_policy_args(p)
-    from .evaluate import DEFAULT_NUM_SAMPLES
+    from .runner import DEFAULT_NUM_SAMPLES
 
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
                    help=f"samples to generate and score (default {DEFAULT_NUM_SAMPLES}; labels i %% num_classes)")
@@ -62,7 +62,7 @@ def run(args) -> int:
     from ..cli import build_model, build_vae
     from ..errors import ConfigError
     from ..policy import load_policy
-    from .evaluate import evaluate
+    from .runner import evaluate
 
     if args.threads is not None:
         if args.threads < 1:
