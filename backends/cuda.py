@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from marcache.models.mar import mask_positions
+from marcache.models.mar import gather_positions, mask_positions
 
 from .reference import _AUTOCAST, ReferenceBackend
 
@@ -192,8 +192,7 @@ class CudaBackend(ReferenceBackend):
     def predicted_rows(self, step, z: torch.Tensor) -> torch.Tensor:
         """``z [R, L, D]`` -> ``[R, k, D]`` at the predicted positions, by gather (no device sync)."""
         idx = mask_positions(step.mask_to_pred, step.tokens_this_step)
-        idx = idx.repeat(z.shape[0] // idx.shape[0], 1)
-        return z.gather(1, idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        return gather_positions(z, idx.repeat(z.shape[0] // idx.shape[0], 1))
 
     # ------------------------------------------------------------------ diffusion head
     def runner(self, head, rows: int, steps: int, guided: bool) -> HeadChainRunner:
@@ -206,14 +205,10 @@ class CudaBackend(ReferenceBackend):
     def run_head(self, step, z, plan, noise) -> torch.Tensor:
         if plan.chain_cache is not None:
             return super().run_head(step, z, plan, noise)
-        gen, head = step.gen, step.gen.model.diffloss
-        b, k, d = gen.batch_size, z.shape[1], z.shape[2]
-        c = noise.shape[-1]
-        guided = gen.guided and step.cfg_scale != 1.0
+        head = step.gen.model.diffloss
+        b, k, c = step.gen.batch_size, z.shape[1], noise.shape[-1]
+        guided, z_cond, z_uncond, flat_noise = self.head_inputs(step, z, noise)
         cfg = step.cfg_scale if guided else 1.0
-        z_cond = z[:b].reshape(b * k, d)
-        z_uncond = z[b:].reshape(b * k, d) if guided else None
-        flat_noise = noise.reshape(b * k, noise.shape[2], c)
         groups = plan.groups()
         if len(groups) == 1:  # one budget for every token (the official plan): slices, no index tensors
             count = groups[0][0]

@@ -76,15 +76,19 @@ class ReferenceBackend(Backend):
         return states
 
     # ------------------------------------------------------------------ diffusion head
-    def run_head(self, step, z, plan, noise) -> torch.Tensor:
-        gen, head = step.gen, step.gen.model.diffloss
-        b, k, d = gen.batch_size, z.shape[1], z.shape[2]
-        c = noise.shape[-1]
+    @staticmethod
+    def head_inputs(step, z, noise):
+        """``(guided, z_cond [B*k, D], z_uncond [B*k, D] | None, noise [B*k, T+1, C])`` of a step's chains."""
+        b, k, d = step.gen.batch_size, z.shape[1], z.shape[2]
         # cfg_iter == 1 at a guided step: the reference samples with the plain net (cond rows only).
-        guided = gen.guided and step.cfg_scale != 1.0
-        z_cond = z[:b].reshape(b * k, d)
+        guided = step.gen.guided and step.cfg_scale != 1.0
         z_uncond = z[b:].reshape(b * k, d) if guided else None
-        flat_noise = noise.reshape(b * k, noise.shape[2], c)
+        return guided, z[:b].reshape(b * k, d), z_uncond, noise.reshape(b * k, noise.shape[2], noise.shape[-1])
+
+    def run_head(self, step, z, plan, noise) -> torch.Tensor:
+        head = step.gen.model.diffloss
+        b, k, c = step.gen.batch_size, z.shape[1], noise.shape[-1]
+        guided, z_cond, z_uncond, flat_noise = self.head_inputs(step, z, noise)
         out = torch.empty(b * k, c, device=z.device, dtype=torch.float32)
         sample = plan.chain_cache.sample if plan.chain_cache is not None else None
         for count, rows in plan.groups():

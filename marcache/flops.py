@@ -40,6 +40,7 @@ from torch import nn
 
 from marcache.backends.base import Backend
 from marcache.errors import ConfigError
+from marcache.plans import HEAD_MODULES, transformer_runs
 from marcache.plugin import Plugin
 
 FLOPS_PER_MAC = 2
@@ -170,8 +171,6 @@ class _FinalLayer(nn.Module):
         return self.layer(x, y)
 
 
-#: head modules a chain cache reports row invocations of (``StepRecord.head_module_rows``)
-HEAD_MODULES = ("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final")
 
 
 class _HeadTrunk(nn.Module):
@@ -579,8 +578,6 @@ class ShapeOnlyBackend(Backend):
         self.model = model
 
     def run_forward(self, step, plan) -> torch.Tensor:
-        from marcache.plans import transformer_runs
-
         transformer_runs(step, plan)  # the plan must be one the accounting understands
         gen = step.gen
         cache = getattr(plan, "cache", None)

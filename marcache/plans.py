@@ -101,6 +101,10 @@ def transformer_runs(step, plan: ForwardPlan) -> tuple[list[TransformerRun], lis
     return encoder, [r for r in decoder if r.layers > 0]
 
 
+#: head modules a chain cache reports row invocations of (``StepRecord.head_module_rows``)
+HEAD_MODULES = ("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final")
+
+
 @dataclass
 class StepRecord:
     """What actually ran at one step (for accounting, reports and traces).
@@ -126,6 +130,6 @@ class StepRecord:
     owners: dict = field(default_factory=dict)
     cached: Optional[torch.Tensor] = None
     # with a chain cache: row invocations per head module over the step's chains (see
-    # marcache.flops.HEAD_MODULES); None = every head step ran the official network on every row
+    # HEAD_MODULES); None = every head step ran the official network on every row
     head_module_rows: Optional[dict] = None
     extra: Optional[dict] = None

@@ -40,6 +40,7 @@ import torch
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.models.diffloss import modulate
+from marcache.plans import HEAD_MODULES
 from marcache.plugin import Plugin, register_plugin
 
 #: head-step kinds, in the order of their cost
@@ -122,7 +123,6 @@ class LazyMARHeadCache:
         self.peak_cache_bytes = 0
         self.schedules: dict[int, dict] = {}
 
-
     def module_rows(self, steps: int, tokens: int, guided: bool, depth: int) -> dict:
         """Row invocations of each head module over one chain (FLOP accounting; marcache.flops).
 
@@ -133,7 +133,7 @@ class LazyMARHeadCache:
         rows_full = 2 * tokens if guided else tokens
         rows_cached = tokens if (guided and self.config.cfg_delta) else rows_full
         kept = depth - len(self.config.skip_blocks)
-        out = dict.fromkeys(("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final"), 0)
+        out = dict.fromkeys(HEAD_MODULES, 0)
         for kind in head_step_kinds(steps, self.config):
             if kind == FULL:
                 r, adaln, mlp = rows_full, depth, depth
@@ -149,6 +149,7 @@ class LazyMARHeadCache:
         out["executed_cond_embed"] = rows_full
         out["executed_time_embed"] = steps
         return out
+
     def kinds(self, num_steps: int) -> list[str]:
         if num_steps not in self.schedules:
             self.schedules[num_steps] = schedule_summary(num_steps, self.config)

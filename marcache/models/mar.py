@@ -38,6 +38,11 @@ def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
 
 
+def gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x [R, P, D]``, ``pos [R, q]`` -> ``[R, q, D]``."""
+    return torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class MAR(nn.Module):
     """The MAR encoder/decoder with its diffusion head. Constructor = the official one."""
 
@@ -197,8 +202,7 @@ class MAR(nn.Module):
             keep = (1 - self.with_buffer(mask)).nonzero(as_tuple=True)
             x = x[keep].reshape(bsz, -1, x.shape[-1])
         else:
-            pos = self.visible_positions(mask, num_masked)
-            x = torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = gather_positions(x, self.visible_positions(mask, num_masked))
         x = self._run_blocks(self.encoder_blocks, x)
         return self.encoder_norm(x)
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .mar import mask_positions
+from .mar import gather_positions, mask_positions
 
 
 @dataclass
@@ -82,11 +82,6 @@ class FeatureCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.enc_k, self.enc_v, self.dec_k, self.dec_v,
                                                           self.dec_in, self.prenorm, self.sel_v) if t is not None)
-
-
-def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``x [R, P, D]``, ``pos [R, q]`` -> ``[R, q, D]``."""
-    return torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _scatter_positions(x: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
@@ -168,7 +163,7 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     # ---------------------------------------------------------------- encoder
     enc_in = model.encoder_input(tokens, class_embedding)  # position-wise, all positions
     q_pos = present if spec.encoder_queries is None else _per_row(spec.encoder_queries, r)
-    x = _gather_positions(enc_in, q_pos)
+    x = gather_positions(enc_in, q_pos)
     for i, block in enumerate(model.encoder_blocks):
         x, _ = _layer(block, x, q_pos, present, cache.enc_k[i, rows], cache.enc_v[i, rows])
     x = model.encoder_norm(x)
@@ -184,14 +179,14 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     # ---------------------------------------------------------------- decoder
     all_pos = torch.arange(p, device=device).expand(r, -1)
     d_pos = all_pos if spec.decoder_queries is None else _per_row(spec.decoder_queries, r)
-    x = _gather_positions(dec_in, d_pos)
+    x = gather_positions(dec_in, d_pos)
     sel = spec.selection
     forced = _per_row(sel.forced, r) if sel is not None else None
     for i, block in enumerate(model.decoder_blocks):
         if sel is not None and i == sel.layer:
             x, v_now = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], stop_after_attention=True)
             keep = _select(v_now, d_pos, cache, rows, sel.keep, forced)
-            x = _gather_positions(x, torch.searchsorted(d_pos.contiguous(), keep))
+            x = gather_positions(x, torch.searchsorted(d_pos.contiguous(), keep))
             d_pos = keep
             x = block.mlp_residual(x)
         else:
