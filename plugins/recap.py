@@ -70,7 +70,7 @@ class ReCAP(Plugin):
         gen, model = step.gen, step.gen.model
         b, buf = gen.batch_size, model.buffer_size
         buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
-        group = self._group_positions(gen, first).to(step.mask.device) + buf
+        group = self._group_positions(gen, first) + buf
         plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step),
                                decoder_queries=torch.cat([buffer, group], dim=1))
         self.engagement["local_fe"] += 1
@@ -90,7 +90,7 @@ class ReCAP(Plugin):
         masked_before = gen.seq_len - sum(counts[:first])
         last = min(first + self.config.local_per_group, len(counts) - 1)
         masked_after = gen.seq_len - sum(counts[: last + 1])
-        return gen.orders[:, masked_after:masked_before].sort(dim=1).values.cpu()
+        return gen.orders[:, masked_after:masked_before].sort(dim=1).values
 
     def report_section(self) -> dict:
         out = dict(self.engagement)
