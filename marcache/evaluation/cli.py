@@ -42,6 +42,11 @@ def add_parser(subparsers) -> None:
                    help="FID statistics to compare against instead of the MNIST test set: .npz with mu, sigma "
                         "(e.g. LTH14/mar fid_stats/adm_in256_stats.npz) or a torch-fidelity stat .pt; "
                         "FID only (KID/precision/recall are null)")
+    p.add_argument("--against", nargs="?", const="baseline", default=None, metavar="POLICY",
+                   help="also generate the same seeds and labels with POLICY (default: baseline; sampler settings it "
+                        "leaves null come from --policy) and report per-image PSNR/SSIM/feature distance to it")
+    p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the --against policy (e.g. sampler.num_iter=16); repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--generate-only", action="store_true", help="write the sample shards, skip the metrics")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -62,6 +67,7 @@ def run(args) -> int:
     from ..cli import build_model, build_vae
     from ..errors import ConfigError
     from ..policy import load_policy
+    from ..strict_json import json_safe
     from .runner import evaluate
 
     if args.threads is not None:
@@ -76,11 +82,12 @@ def run(args) -> int:
     result = evaluate(model, policy, args.num_samples, args.seed, args.batch_size, out_dir=args.out,
                       shard_size=args.shard_size, cache_root=args.cache_root, classifier_path=args.classifier,
                       progress=not args.no_progress, vae=vae, model_name=name,
-                      score=not args.generate_only, features=args.features, reference_stats=args.reference_stats)
+                      score=not args.generate_only, features=args.features, reference_stats=args.reference_stats,
+                      against=args.against, against_overrides=args.against_set)
     if result is None:  # a non-zero torchrun rank
         return 0
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(json_safe(result), default=str, allow_nan=False))
         return 0
     keys = ["fid", "kid", "precision", "recall", "inception_score", "class_accuracy", "num_samples", "seed",
             "images_per_second", "tflops_per_image", "world_size", "features", "reference"]
@@ -88,4 +95,13 @@ def run(args) -> int:
     width = max(len(k) for k in keys)
     for k in keys:
         print(f"  {k:<{width}}  {_fmt(result.get(k))}")
+    fidelity = result.get("fidelity")
+    if fidelity:
+        print(f"fidelity to {result['against'].get('name')} ({fidelity['num_samples']} images, "
+              f"identical {fidelity['identical_fraction']:.3f}):")
+        for metric in ("psnr", "ssim", "feature_cosine_distance"):
+            summary = fidelity.get(metric)
+            if summary is not None:
+                print(f"  {metric:<{width}}  " + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()))
     return 0
+

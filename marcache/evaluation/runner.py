@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from ..strict_json import json_safe
 from . import sharded
 
 #: default sample count of ``marcache eval``: the smallest tested N at which every pair of independent
@@ -71,7 +72,7 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
              *, overrides: Optional[list[str]] = None, out_dir: Optional[str] = None, shard_size: Optional[int] = None,
              cache_root=None, classifier_path=None, progress: bool = False, vae=None, model_name: Optional[str] = None,
              sampler=None, score: bool = True, features: Optional[str] = None, reference_stats=None,
-             inception_layer: str = "2048") -> Optional[dict]:
+             inception_layer: str = "2048", against=None, against_overrides: Optional[list[str]] = None) -> Optional[dict]:
     """Generate ``num_samples`` class-balanced samples (label ``i % num_classes``) with ``policy`` and score them.
 
     ``features``: ``"mnist"`` (the shipped classifier; default for 10-class models) or ``"inception"``
@@ -86,6 +87,11 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
     rerunning with the same ``out_dir`` resumes. Under ``torchrun`` every rank generates its shards;
     rank 0 scores and returns the dict, other ranks return None. ``score=False`` only generates
     (the dict then has no metric fields).
+
+    ``against``: a reference policy (name, path or resolved; sampler settings it leaves null come from
+    ``policy``, see :func:`.fidelity.against_policy`): its samples, with the same seeds and labels, go to
+    ``OUT/against/`` and ``result["fidelity"]`` holds per-image PSNR/SSIM/feature-distance summaries
+    (:func:`.fidelity.compare_images`) with ``result["against"]`` the reference policy.
     """
     from ..images import to_uint8, tokens_to_images
     from ..policy import ResolvedPolicy, load_policy
@@ -102,6 +108,11 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
     if shard_size < 1:
         raise ConfigError("--shard-size must be >= 1")
     resolved = policy if isinstance(policy, ResolvedPolicy) else load_policy(policy, overrides)
+    reference_policy = None
+    if against is not None:
+        from .fidelity import against_policy
+
+        reference_policy = against_policy(against, resolved, against_overrides)
     info = sharded.init_distributed()
     try:
         if sampler is None:
@@ -125,6 +136,13 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
                                         progress=progress)
         sharded.barrier(info)
         wall = time.perf_counter() - wall
+        if reference_policy is not None:  # same seeds and labels through the reference policy
+            against_out = out / "against"
+            sharded.prepare_manifest(against_out, dict(description, policy=reference_policy.to_dict()), info)
+            sharded.generate_shards(Sampler(model, reference_policy), against_out, num_samples, seed, shard_size,
+                                    batch_size, info, to_uint8=lambda tokens: to_uint8(tokens_to_images(model, tokens, vae)),
+                                    progress=progress)
+            sharded.barrier(info)
         if not info.is_main:
             return None
         data = sharded.collect(out, num_samples, shard_size)
@@ -134,6 +152,12 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
                                    classifier_path=classifier_path, features=features, reference_stats=ref_stats,
                                    inception_layer=inception_layer)
             metrics.update(features=features, reference=ref_stats.source if ref_stats is not None else "mnist-test")
+        if reference_policy is not None:
+            from .fidelity import compare_images
+
+            reference = sharded.collect(out / "against", num_samples, shard_size)
+            metrics.update(fidelity=compare_images(data["images"], reference["images"]),
+                           against=reference_policy.to_dict())
         fpi = data["flops_per_image"]
         result = dict(metrics)
         result.update(
@@ -145,7 +169,7 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
             flops_per_image=fpi, tflops_per_image=None if fpi is None or math.isnan(fpi) else fpi / 1e12,
             out_dir=None if tmp else str(out),
         )
-        sharded.mark_complete(out, {"result": {k: v for k, v in result.items() if k != "policy"}})
+        sharded.mark_complete(out, {"result": json_safe({k: v for k, v in result.items() if k != "policy"})})
         if tmp is not None:
             tmp.cleanup()
         return result

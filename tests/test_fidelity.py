@@ -1,0 +1,68 @@
+"""Fidelity to a reference policy (`marcache eval --against`): same seeds and labels, per-image PSNR/SSIM
+(torchmetrics) and classifier-feature distance; a policy against itself is identical."""
+
+import json
+
+import numpy as np
+import pytest
+
+from marcache.cli import main
+from marcache.data import load_mnist
+from marcache.evaluation.fidelity import compare_images
+from marcache.evaluation.runner import evaluate
+
+from conftest import make_tiny
+
+
+def test_policy_against_itself_is_identical(tiny_model, tmp_path):
+    result = evaluate(tiny_model, "baseline", num_samples=6, seed=3, batch_size=3, score=False,
+                      out_dir=str(tmp_path / "run"), against="baseline")
+    fid = result["fidelity"]
+    assert fid["identical_fraction"] == 1.0 and fid["num_samples"] == 6
+    assert fid["psnr"]["mean"] == float("inf") and fid["psnr"]["p5"] == float("inf")
+    assert fid["ssim"]["median"] == pytest.approx(1.0)
+    assert fid["feature_cosine_distance"] is None  # 16x16 images: no MNIST classifier features
+    assert (tmp_path / "run" / "against" / "manifest.json").is_file()
+
+
+def test_caching_policy_differs_and_fields_are_finite(tmp_path):
+    model = make_tiny(4, seed=2, diffloss_d=6)  # lazymar skips head blocks 1..4
+    result = evaluate(model, "lazymar", num_samples=4, seed=0, batch_size=4, score=False, against="baseline",
+                      overrides=["sampler.num_iter=8"])
+    fid = result["fidelity"]
+    assert result["against"]["name"] == "baseline"
+    assert result["against"]["sampler"]["num_iter"] == 8  # inherited from the evaluated policy
+    assert fid["identical_fraction"] < 1.0
+    for metric in ("psnr", "ssim"):
+        assert set(fid[metric]) == {"mean", "median", "p5"}
+    assert np.isfinite(fid["psnr"]["p5"])  # some images differ (identical ones have PSNR inf)
+    assert all(np.isfinite(v) for v in fid["ssim"].values()), fid["ssim"]
+    assert -1.0 <= fid["ssim"]["p5"] < 1.0 and fid["ssim"]["p5"] <= fid["ssim"]["median"] <= 1.0
+
+
+def test_compare_images_on_digits():
+    images, _ = load_mnist("test")
+    a = images[:50, :, :, None]
+    same = compare_images(a, a.copy())
+    assert same["feature_cosine_distance"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-40, 41, a.shape), 0, 255).astype(np.uint8)
+    other = compare_images(a, images[50:100, :, :, None])
+    near = compare_images(a, noisy)
+    # a noisy copy of each digit is far closer than another digit, in every metric
+    assert near["psnr"]["median"] > other["psnr"]["median"] + 5
+    assert near["ssim"]["median"] > other["ssim"]["median"]
+    assert near["feature_cosine_distance"]["median"] < other["feature_cosine_distance"]["median"]
+    assert set(other["feature_cosine_distance"]) == {"mean", "median", "p95"}
+
+
+def test_cli_against_json_is_strict(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = make_tiny(4, seed=1)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    rc = main(["eval", "--model", "mar_tiny", "--checkpoint", str(ckpt), "--num-samples", "4", "--batch-size", "4",
+               "--generate-only", "--against", "--json", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert out["fidelity"]["psnr"]["mean"] == "inf" and out["fidelity"]["identical_fraction"] == 1.0
