@@ -66,3 +66,33 @@ def test_cli_against_json_is_strict(tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert out["fidelity"]["psnr"]["mean"] == "inf" and out["fidelity"]["identical_fraction"] == 1.0
+
+
+def test_seed_spread_and_tie_verdict():
+    from marcache.evaluation.spread import combine_seeds, judge
+
+    base = {"model": "m", "policy": {"name": "p"}, "num_samples": 10}
+    results = [dict(base, seed=0, fid=10.0, class_accuracy=0.9, against_metrics={"fid": 10.5}),
+               dict(base, seed=1, fid=12.0, class_accuracy=0.8, against_metrics={"fid": 11.0})]
+    combined = combine_seeds(results)
+    assert combined["seeds"] == [0, 1] and combined["fid"] == 11.0 and combined["fid_spread"] == 2.0
+    assert combined["fid_per_seed"] == [10.0, 12.0]
+    assert combined["class_accuracy_spread"] == pytest.approx(0.1)
+    assert combined["comparison"] == {"fid_difference": 0.25, "spread": 2.0, "verdict": "tie"}
+    assert judge(15.0, 10.0, 2.0) == "worse" and judge(5.0, 10.0, 2.0) == "better"
+    assert judge(0.99, 0.9, 0.01, higher_is_better=True) == "better" and judge(1.0, 2.0, None) is None
+
+
+def test_cli_seeds_writes_one_folder_per_seed(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = make_tiny(4, seed=1)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    argv = ["eval", "--model", "mar_tiny", "--checkpoint", str(ckpt), "--num-samples", "2", "--batch-size", "2",
+            "--generate-only", "--against", "--no-progress", "--out", str(tmp_path / "run"), "sampler.num_iter=2"]
+    assert main(argv + ["--seeds", "0,1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seeds"] == [0, 1] and len(out["fidelity_per_seed"]) == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["seed-0", "seed-1"]
+    assert main(argv + ["--seeds", "3"]) == 2 and "two or more" in capsys.readouterr().err

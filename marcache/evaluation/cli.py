@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
                    help=f"samples to generate and score (default {DEFAULT_NUM_SAMPLES}; labels i %% num_classes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="evaluate each seed (shards under OUT/seed-S) and report mean, per-seed values and spread "
+                        "(max - min); with --against, a FID difference within the spread is reported as a tie")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--shard-size", type=int, default=None, help="samples per shard file (default max(500, batch size))")
     p.add_argument("--out", default=None, help="folder for the sample shards + manifest (resumable); default: temporary")
@@ -61,6 +65,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _parse_seeds(text: str) -> list[int]:
+    from ..errors import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give two or more distinct integers, e.g. --seeds 0,1")
+    return seeds
+
+
 def run(args) -> int:
     import torch
 
@@ -69,6 +85,7 @@ def run(args) -> int:
     from ..policy import load_policy
     from ..strict_json import json_safe
     from .runner import evaluate
+    from .spread import combine_seeds
 
     if args.threads is not None:
         if args.threads < 1:
@@ -76,27 +93,41 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.num_samples < 2:
         raise ConfigError("--num-samples must be >= 2")
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     policy = load_policy(args.policy, args.overrides)
     name, model = build_model(args)
     vae = build_vae(args, model)
-    result = evaluate(model, policy, args.num_samples, args.seed, args.batch_size, out_dir=args.out,
-                      shard_size=args.shard_size, cache_root=args.cache_root, classifier_path=args.classifier,
-                      progress=not args.no_progress, vae=vae, model_name=name,
-                      score=not args.generate_only, features=args.features, reference_stats=args.reference_stats,
-                      against=args.against, against_overrides=args.against_set)
-    if result is None:  # a non-zero torchrun rank
+    results = []
+    for seed in seeds:
+        out = args.out if args.seeds is None or args.out is None else str(Path(args.out) / f"seed-{seed}")
+        results.append(evaluate(model, policy, args.num_samples, seed, args.batch_size, out_dir=out,
+                                shard_size=args.shard_size, cache_root=args.cache_root, classifier_path=args.classifier,
+                                progress=not args.no_progress, vae=vae, model_name=name,
+                                score=not args.generate_only, features=args.features,
+                                reference_stats=args.reference_stats, against=args.against,
+                                against_overrides=args.against_set))
+    if results[0] is None:  # a non-zero torchrun rank
         return 0
+    result = combine_seeds(results) if args.seeds is not None else results[0]
     if args.json:
         print(json.dumps(json_safe(result), default=str, allow_nan=False))
         return 0
-    keys = ["fid", "kid", "precision", "recall", "inception_score", "class_accuracy", "num_samples", "seed",
-            "images_per_second", "tflops_per_image", "world_size", "features", "reference"]
+    keys = ["fid", "kid", "precision", "recall", "inception_score", "class_accuracy", "num_samples",
+            "seeds" if args.seeds is not None else "seed", "images_per_second", "tflops_per_image", "world_size",
+            "features", "reference"]
     print(f"model {result['model']}, policy {result['policy'].get('name')}")
     width = max(len(k) for k in keys)
     for k in keys:
-        print(f"  {k:<{width}}  {_fmt(result.get(k))}")
-    fidelity = result.get("fidelity")
-    if fidelity:
+        spread = result.get(f"{k}_spread")
+        print(f"  {k:<{width}}  {_fmt(result.get(k))}" + (
+            f"  (spread {_fmt(spread)}; per seed {', '.join(map(_fmt, result[k + '_per_seed']))})" if spread is not None else ""))
+    comparison = result.get("comparison")
+    if comparison:
+        print(f"FID vs {result['against'].get('name')}: {_fmt(comparison['fid_difference'])} "
+              f"(seed spread {_fmt(comparison['spread'])}): {comparison['verdict']}")
+    for fidelity in result.get("fidelity_per_seed") or [result.get("fidelity")]:
+        if not fidelity:
+            continue
         print(f"fidelity to {result['against'].get('name')} ({fidelity['num_samples']} images, "
               f"identical {fidelity['identical_fraction']:.3f}):")
         for metric in ("psnr", "ssim", "feature_cosine_distance"):

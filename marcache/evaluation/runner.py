@@ -158,6 +158,10 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
             reference = sharded.collect(out / "against", num_samples, shard_size)
             metrics.update(fidelity=compare_images(data["images"], reference["images"]),
                            against=reference_policy.to_dict())
+            if score:  # the reference's own scores, for a FID comparison at equal seeds
+                metrics["against_metrics"] = score_images(
+                    reference["images"], reference["labels"], cache_root=cache_root, classifier_path=classifier_path,
+                    features=features, reference_stats=ref_stats, inception_layer=inception_layer)
         fpi = data["flops_per_image"]
         result = dict(metrics)
         result.update(

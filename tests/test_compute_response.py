@@ -1,0 +1,51 @@
+"""benchmarks/compute_response.py runs end to end on a tiny model, and its pass criterion decides right."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compute_response.py"
+
+
+@pytest.fixture(scope="module")
+def compute_response():
+    spec = importlib.util.spec_from_file_location("compute_response", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_end_to_end_on_tiny_model(compute_response, tmp_path):
+    model = make_tiny(7, num_sampling_steps="10")  # 28x28 images: scored in the MNIST classifier space
+    model.sampling_defaults = dict(model.sampling_defaults, num_iter=2)
+    results = compute_response.measure(model, [1], [5], seeds=[0, 1], num_samples=10, out=tmp_path / "runs",
+                                       batch_size=5, cache_root=tmp_path / "cache", progress=False)
+    # settings: AR {1, 2 (default)} and head {5, 10 (the default)}, each with both seeds
+    assert [(r["sweep"], r["value"], r["default"]) for r in results["rows"]] == [
+        ("ar", 1, False), ("ar", 2, True), ("head", 5, False), ("head", 10, True)]
+    assert all(set(r["per_seed"]) == {0, 1} for r in results["rows"])
+    decision = compute_response.write(results, tmp_path / "docs")
+    saved = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert saved["verdict"]["passes"] == decision["passes"]
+    assert (tmp_path / "docs" / "plot.png").stat().st_size > 1000
+    assert "| AR steps | 2 (default) |" in (tmp_path / "docs" / "table.md").read_text()
+
+
+def _row(sweep, value, fids, default=False):
+    return {"sweep": sweep, "value": value, "default": default, "fid_mean": sum(fids) / len(fids),
+            "fid_range": max(fids) - min(fids), "per_seed": {i: {"fid": f} for i, f in enumerate(fids)}}
+
+
+@pytest.mark.parametrize("ar_fids, head_fids, passes", [
+    ([[40, 42], [20, 21], [10, 11]], [[30, 31], [10, 11]], True),     # clear, monotone response
+    ([[11.5, 12.5], [11, 12], [10, 11]], [[30, 31], [10, 11]], False),  # 1 step within 2x spread of the default
+    ([[40, 42], [10, 11], [20, 21]], [[30, 31], [10, 11]], False),    # rises by more than the spread
+])
+def test_verdict(compute_response, ar_fids, head_fids, passes):
+    rows = [_row("ar", v, f, default=(v == 4)) for v, f in zip((1, 2, 4), ar_fids)]
+    rows += [_row("head", v, f, default=(v == 50)) for v, f in zip((5, 50), head_fids)]
+    assert compute_response.verdict({"rows": rows})["passes"] is passes
