@@ -3,7 +3,10 @@
 ``reference``: eager PyTorch on CPU or CUDA (float32, or bf16/fp16 autocast), the executable
 definition of every plan. ``cuda``: the same plans with captured head graphs, static buffers and no
 per-step host sync (:mod:`marcache.backends.cuda`). ``auto`` picks ``cuda`` on a CUDA device and
-``reference`` elsewhere. Backends implement :class:`~marcache.backends.base.Backend`.
+``reference`` elsewhere. Backends implement :class:`~marcache.backends.base.Backend` and register
+with :func:`register_backend` (third parties through the ``marcache.backends`` entry-point group).
+``shape_only`` (:mod:`marcache.backends.shape_only`) is not registered: it only serves
+``marcache flops``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,9 @@ import torch
 
 from marcache.errors import ConfigError
 
-from .base import Backend
+from .base import Backend, available_backends, register_backend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
-
-BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend, "cuda": CudaBackend}
 
 
 def auto_backend_name(device: torch.device) -> str:
@@ -41,11 +42,13 @@ def get_backend(name: str = "auto", device: str = "auto", dtype: str = "float32"
     dev = resolve_device(device)
     if name == "auto":
         name = auto_backend_name(dev)
-    if name not in BACKENDS:
-        raise ConfigError(f"backend.name={name!r}: unknown backend; available: auto, {', '.join(BACKENDS)}")
+    backends = available_backends()
+    if name not in backends:
+        raise ConfigError(f"backend.name={name!r}: unknown backend; available: auto, {', '.join(backends)}")
     if dtype != "float32" and dev.type == "cpu" and dtype == "float16":
         raise ConfigError("backend.dtype=float16 needs CUDA; on CPU use bfloat16 or float32")
-    return BACKENDS[name](dev, dtype)
+    return backends[name](dev, dtype)
 
 
-__all__ = ["Backend", "ReferenceBackend", "CudaBackend", "BACKENDS", "auto_backend_name", "get_backend", "resolve_device"]
+__all__ = ["Backend", "ReferenceBackend", "CudaBackend", "auto_backend_name", "available_backends", "get_backend",
+           "register_backend", "resolve_device"]

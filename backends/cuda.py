@@ -39,6 +39,7 @@ import torch
 
 from marcache.models.mar import gather_positions, mask_positions
 
+from .base import register_backend
 from .reference import _AUTOCAST, ReferenceBackend
 
 #: row buckets of the head graphs; beyond the last, rows round up to a multiple of it (so padding
@@ -98,7 +99,7 @@ class HeadChainRunner:
         with self.autocast():
             c_emb = head.net.cond_embed(self.z)
             x = head.run_chain(c_emb, self.noise, self.temperature, self.cfg, self.sched, self.key.guided,
-                               self.time_embeddings)
+                               self.time_embeddings, clip_denoised=self.key.clip_denoised)
         self.out.copy_(x)
 
     def _capture(self) -> None:
@@ -142,6 +143,7 @@ class HeadChainRunner:
         return self.out[:n]
 
 
+@register_backend
 class CudaBackend(ReferenceBackend):
     """Reference plans, executed with captured head graphs, static buffers and no per-step host sync.
 
@@ -195,9 +197,9 @@ class CudaBackend(ReferenceBackend):
         return gather_positions(z, idx.repeat(z.shape[0] // idx.shape[0], 1))
 
     # ------------------------------------------------------------------ diffusion head
-    def runner(self, head, rows: int, steps: int, guided: bool) -> HeadChainRunner:
+    def runner(self, head, rows: int, steps: int, guided: bool, clip_denoised: bool = False) -> HeadChainRunner:
         """The runner of a chain shape (created, and on CUDA captured, on first use)."""
-        key = ChainKey(row_bucket(rows, self.buckets), int(steps), bool(guided), bool(head.clip_denoised))
+        key = ChainKey(row_bucket(rows, self.buckets), int(steps), bool(guided), bool(clip_denoised))
         if key not in self.runners:
             self.runners[key] = HeadChainRunner(head, key, self.device, self.head_autocast, self.graphs)
         return self.runners[key]
@@ -212,13 +214,13 @@ class CudaBackend(ReferenceBackend):
         groups = plan.groups()
         if len(groups) == 1:  # one budget for every token (the official plan): slices, no index tensors
             count = groups[0][0]
-            run = self.runner(head, b * k, count, guided)
+            run = self.runner(head, b * k, count, guided, plan.clip_denoised)
             out = run(z_cond, z_uncond, flat_noise[:, : count + 1], cfg, plan.temperature).clone()
             return out.reshape(b, k, c)
         out = torch.empty(b * k, c, device=z.device, dtype=torch.float32)
         for count, rows in groups:
             rows = rows.to(z.device, non_blocking=True)
-            run = self.runner(head, len(rows), count, guided)
+            run = self.runner(head, len(rows), count, guided, plan.clip_denoised)
             out[rows] = run(z_cond[rows], None if z_uncond is None else z_uncond[rows],
                             flat_noise[rows, : count + 1], cfg, plan.temperature)
         return out.reshape(b, k, c)

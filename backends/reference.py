@@ -11,11 +11,12 @@ import torch
 
 from marcache.errors import ConfigError
 
-from .base import Backend
+from .base import Backend, register_backend
 
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@register_backend
 class ReferenceBackend(Backend):
     name = "reference"
 
@@ -95,6 +96,7 @@ class ReferenceBackend(Backend):
             cond = z_cond[rows] if not guided else torch.cat([z_cond[rows], z_uncond[rows]])
             args = (cond, flat_noise[rows, : count + 1], plan.temperature, step.cfg_scale if guided else 1.0)
             with self.autocast():
-                chain = sample(head, *args, steps=count) if sample else head.sample_with_noise(*args, steps=count)
+                kw = dict(steps=count, clip_denoised=plan.clip_denoised)
+                chain = sample(head, *args, **kw) if sample else head.sample_with_noise(*args, **kw)
             out[rows] = chain.float()
         return out.reshape(b, k, c)

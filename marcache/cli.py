@@ -17,7 +17,7 @@ from .errors import ConfigError, MarcacheError
 
 #: modules contributing subcommands: each defines ``add_parser(subparsers)``, which adds its parser
 #: (built with ``parser_class=_Parser`` semantics) and sets ``func`` to a ``run(args) -> int``.
-COMMAND_MODULES: list[str] = ["marcache.flops", "marcache.bench", "marcache.train", "marcache.evaluation.cli"]
+COMMAND_MODULES: list[str] = ["marcache.flops.command", "marcache.bench.command", "marcache.train", "marcache.evaluation.cli"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,23 +27,23 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered model name (mar_base, mar_large, mar_huge, mar_tiny, ...); default: the shipped mar_mnist")
     p.add_argument("--checkpoint", help="weights: official checkpoint-last.pth, a state dict or .safetensors")
     p.add_argument("--weights", default="model_ema", choices=["model_ema", "model"], help="entry of an official checkpoint (default model_ema)")
     p.add_argument("--vae", help="KL-16 VAE weights (kl16.ckpt / .safetensors) for latent models, or 'random'")
 
 
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
+def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="baseline", help="policy YAML file or shipped policy name (default baseline)")
     add_backend_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="policy overrides: sampler.num_iter=32, backend.dtype=bfloat16, <plugin>.<param>=v")
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
-    from marcache.backends import BACKENDS
+    from marcache.backends import available_backends
 
-    p.add_argument("--backend", choices=["auto", *BACKENDS], default=None,
+    p.add_argument("--backend", choices=["auto", *available_backends()], default=None,
                    help="execution backend (same as the override backend.name=...; default: the policy's, auto = "
                         "cuda on a CUDA device, else reference)")
 
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images with a policy")
     g.set_defaults(func=cmd_generate)
-    _add_model_args(g)
-    _add_policy_args(g)
+    add_model_args(g)
+    add_policy_args(g)
     g.add_argument("--labels", help="comma-separated class ids (default: 0, 1, 2, ... cycling over classes)")
     g.add_argument("--num-images", type=int, help="number of images (default: one per label, else 16)")
     g.add_argument("--seed", type=int, default=0)
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 def build_model(args):
-    from .loading import _fitting_configs, load_mar, read_state_dict
+    from .loading import fitting_configs, load_mar, read_state_dict
 
     if args.model is None and args.checkpoint is None:  # the shipped default: mar_mnist, trained weights
         from .weights import mnist_path
@@ -88,7 +88,7 @@ def build_model(args):
         return "mar_mnist", load_mar("mar_mnist", mnist_path(), weights=args.weights)
     name = args.model
     if name is None:  # infer the config from the checkpoint's shapes
-        fits = _fitting_configs(read_state_dict(args.checkpoint, args.weights))
+        fits = fitting_configs(read_state_dict(args.checkpoint, args.weights))
         if not fits:
             raise ConfigError(f"{args.checkpoint}: its shapes fit no registered model; pass --model")
         name = fits[0]
@@ -123,7 +123,7 @@ def cmd_generate(args) -> int:
     from .images import save_grid, save_pngs, to_uint8, tokens_to_images
     from .policy import load_policy
     from .scheduler import Sampler
-    from .trace import TraceRecorder
+    from .plugins.trace import TraceRecorder
 
     policy = load_policy(args.policy, args.overrides)
     name, model = build_model(args)

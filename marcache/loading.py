@@ -62,7 +62,7 @@ def read_state_dict(path: str | os.PathLike, weights: str = "model_ema", kind: s
     return dict(obj)
 
 
-def _fitting_configs(state: Mapping[str, torch.Tensor]) -> list[str]:
+def fitting_configs(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of registered MAR configs whose parameter shapes equal those in ``state``."""
     fits = []
     for name in list_models():
@@ -90,7 +90,7 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k!r}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
     hint = ""
     if describe_fits:
-        fits = _fitting_configs(state)
+        fits = fitting_configs(state)
         hint = f"; the file's shapes fit --model {fits[0]}" if fits else "; the file fits no registered model config"
     raise CheckpointError(f"{path}: does not match the model: {'; '.join(parts)}{hint}")
 

@@ -12,6 +12,12 @@ from typing import Optional
 import torch
 
 
+#: the range of DDPM head steps a token may get (``sampler.head_steps`` and every head plan): the
+#: reference's 1-step respacing has an empty posterior table and crashes, and the diffusion was
+#: trained on 1000 steps
+HEAD_STEPS_MIN, HEAD_STEPS_MAX = 2, 1000
+
+
 @dataclass
 class ForwardPlan:
     """How the encoder and decoder run at this step.
@@ -45,14 +51,16 @@ class HeadPlan:
         temperature: scales only the per-step noise.
         owner: plugin that last changed the budgets.
         chain_cache: optional per-head-step caching inside each chain (LazyMAR's head caches): an
-            object with ``sample(diffloss, z, noise, temperature, cfg, steps) -> [N, C]`` executed
-            by the backend in place of the plain chain; ``None`` = the official chain.
+            object with ``sample(diffloss, z, noise, temperature, cfg, steps, clip_denoised) -> [N, C]``
+            executed by the backend in place of the plain chain; ``None`` = the official chain.
+        clip_denoised: clamp each predicted x_0 to [-1, 1] (the sampler setting; pixel-space models).
     """
 
     steps: torch.Tensor
     temperature: float = 1.0
     owner: str = "ddpm_head"
     chain_cache: Optional[object] = None
+    clip_denoised: bool = False
 
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """``[(count, flat row indices into the [B*k] rows), ...]`` in ascending count."""
@@ -132,4 +140,3 @@ class StepRecord:
     # with a chain cache: row invocations per head module over the step's chains (see
     # HEAD_MODULES); None = every head step ran the official network on every row
     head_module_rows: Optional[dict] = None
-    extra: Optional[dict] = None

@@ -141,8 +141,9 @@ def load_entry_points() -> None:
 
 def available_plugins() -> dict[str, type[Plugin]]:
     """All registered plugin classes (built-ins, then entry points), by name."""
-    import marcache.plugins  # noqa: F401  (built-ins register on import)
+    from marcache.plugins import discover
 
+    discover()  # built-ins register on import
     load_entry_points()
     return dict(sorted(_REGISTRY.items()))
 
@@ -157,6 +158,7 @@ def get_plugin_class(name: str) -> type[Plugin]:
 
 
 def builtin_plugin_names() -> list[str]:
+    """The official sampler's plugins, present in every policy unless disabled (sorted by name)."""
     return [n for n, c in available_plugins().items() if c.builtin]
 
 

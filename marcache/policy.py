@@ -30,7 +30,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, MarcacheError, PluginError
-from .plugin import Plugin, available_plugins, get_plugin_class
+from .plugin import Plugin, available_plugins, builtin_plugin_names, get_plugin_class
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -112,11 +112,21 @@ class ResolvedPolicy:
 
     def instantiate(self) -> list[Plugin]:
         """Fresh plugin instances: enabled built-ins (fallbacks) followed by the policy's plugins."""
-        from marcache.plugins import DEFAULT_PLUGINS
-
         plugins = available_plugins()
-        builtins = [plugins[n]() for n in DEFAULT_PLUGINS if n not in self.config.disable]
+        builtins = [plugins[n]() for n in builtin_plugin_names() if n not in self.config.disable]
         return builtins + [cls(cfg) for cls, cfg in self.plugin_configs]
+
+    def with_sampler(self, **settings) -> "ResolvedPolicy":
+        """A copy with some sampler settings replaced (validated like the YAML keys)."""
+        if not settings:
+            return self
+        try:
+            sampler = dataclasses.replace(self.config.sampler, **settings)
+        except _FieldError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{self.source}: sampler: {exc}") from None
+        return ResolvedPolicy(dataclasses.replace(self.config, sampler=sampler), self.source, list(self.plugin_configs))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self.config) | {

@@ -101,7 +101,6 @@ class Sampler:
     # ------------------------------------------------------------------ the loop
     def _generate_batch(self, labels, ids, seed, progress) -> torch.Tensor:
         model, hook, s = self.model, self.pm.hook, self.settings
-        model.diffloss.clip_denoised = s["clip_denoised"]
         device = self.backend.device
         gen = GenerationState(
             model=model, labels=None if labels is None else labels.to(device), sample_ids=ids,
@@ -124,14 +123,14 @@ class Sampler:
             # tokens are revealed from the tail of each order: the first masked_after stay masked
             mask_next = torch.zeros_like(mask).scatter_(1, gen.orders[:, :masked_after], True)
             step = StepState(gen=gen, step=index, tokens=tokens, mask=mask, mask_to_pred=mask & ~mask_next,
-                             mask_next=mask_next, prev_mask_to_pred=prev, num_masked_after=max(masked_after, 1))
+                             mask_next=mask_next, prev_mask_to_pred=prev, num_masked_after=masked_after)
             step.cfg_scale = self._cfg_scale(step)
             forward = ForwardPlan(mode="", owner="")
             hook.marcache_forward_plan(step=step, plan=forward)
             if not forward.mode:
                 raise PluginError("no plugin planned the forward pass (is 'full_recompute' disabled without a replacement?)")
             z = self.backend.run_forward(step, forward)
-            head = HeadPlan(steps=None, temperature=gen.temperature, owner="")
+            head = HeadPlan(steps=None, temperature=gen.temperature, owner="", clip_denoised=s["clip_denoised"])
             hook.marcache_head_plan(step=step, plan=head, z=z[:b])
             self._check_head_plan(head, b, count)
             noise = self.backend.upload(self._head_noise(gen, head.steps, c))
@@ -239,13 +238,22 @@ class Sampler:
         }
 
 
-def generate_tokens(model, labels=None, num_images: Optional[int] = None, num_iter: int = 64, cfg: float = 1.0,
-                    cfg_schedule: str = "linear", temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-                    progress: bool = False, policy: str | ResolvedPolicy = "baseline", head_steps: Optional[int] = None) -> GenerationResult:
-    """Generate with the official sampler settings given as arguments (baseline policy by default)."""
-    overrides = [f"sampler.num_iter={num_iter}", f"sampler.cfg={cfg}", f"sampler.cfg_schedule={cfg_schedule}",
-                 f"sampler.temperature={temperature}", f"sampler.head_steps={'null' if head_steps is None else head_steps}"]
-    resolved = policy if isinstance(policy, ResolvedPolicy) else load_policy(policy, overrides)
+def generate_tokens(model, labels=None, num_images: Optional[int] = None, num_iter: Optional[int] = None,
+                    cfg: Optional[float] = None, cfg_schedule: Optional[str] = None, temperature: Optional[float] = None,
+                    seed: int = 0, batch_size: int = 64, progress: bool = False, policy: str | ResolvedPolicy = "baseline",
+                    head_steps: Optional[int] = None) -> GenerationResult:
+    """Generate on the model's device with a policy (baseline by default).
+
+    The sampler arguments (``num_iter``, ``cfg``, ``cfg_schedule``, ``temperature``, ``head_steps``)
+    override the policy's settings when given, whether ``policy`` is a name, a path or a resolved
+    policy; ``None`` keeps the policy's value (itself ``null`` = the model's default).
+    """
+    given = {k: v for k, v in dict(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+                                   head_steps=head_steps).items() if v is not None}
+    if isinstance(policy, ResolvedPolicy):
+        resolved = policy.with_sampler(**given)
+    else:
+        resolved = load_policy(policy, [f"sampler.{k}={v}" for k, v in given.items()])
     sampler = Sampler(model, resolved, backend=_backend_for(model))
     return sampler.generate(labels=labels, num_images=num_images, seed=seed, batch_size=batch_size, progress=progress)
 

@@ -25,9 +25,6 @@ class CacheStore:
         self._data: dict[str, dict[str, Any]] = defaultdict(dict)
         self.peak_bytes: dict[str, int] = defaultdict(int)
 
-    def namespace(self, plugin: str) -> dict[str, Any]:
-        return self._data[plugin]
-
     def put(self, plugin: str, key: str, value: Any) -> None:
         self._data[plugin][key] = value
         self.peak_bytes[plugin] = max(self.peak_bytes[plugin], self.nbytes(plugin))
@@ -128,8 +125,8 @@ class StepState:
         mask_to_pred: positions predicted at this step (same count in every row).
         mask_next: positions still masked *after* this step (``mask & ~mask_to_pred``).
         prev_mask_to_pred: positions predicted at the previous step (all False at step 0).
-        num_masked_after: count still masked after the step, clamped to >= 1 as the reference's
-            ``mask_len`` (it reaches 0 only conceptually, after the last step).
+        num_masked_after: count still masked after the step (0 after the last step; the reference's
+            ``mask_len`` clamps it to >= 1, which ``linear_cfg`` reproduces).
         cfg_scale: the guidance scale handed to the head (set by ``marcache_cfg_scale``).
         cond_rows / uncond_rows: row slices of the doubled batch when ``gen.guided``.
     """

@@ -1,6 +1,8 @@
 """Built-in plugins (installed as ``marcache.plugins``).
 
-The official MAR sampler is itself a set of plugins, registered by default in every policy:
+Every module of this package is imported by :func:`discover` (no hand-kept list): a module
+registers its plugin classes with ``@register_plugin``. Classes with ``builtin = True`` are the
+official sampler and run in every policy:
 
 ==================  ==========  ===============================================================
 plugin              family      behaviour
@@ -11,18 +13,28 @@ linear_cfg          guidance    ``1 + (cfg - 1) * (L - masked_after) / L`` (Muse
 constant_cfg        guidance    ``cfg`` at every step, cfg_schedule=constant
 full_recompute      features    encoder + decoder recomputed from scratch, both CFG branches
 ddpm_head           head        every token sampled with the full N-step DDPM chain
+flop_counter        accounting  the FLOPs of what ran, in every report
 ==================  ==========  ===============================================================
 
-A policy can drop one with ``disable: [name]`` and replace it with its own.
-
-Accelerators (listed in a policy's ``plugins``): ``gtr_order``, ``gtr_schedule`` (GtR), ``fts`` (FTS),
-``lazymar_token_cache``, ``lazymar_cond_cache``, ``lazymar_head`` (LazyMAR), ``recap`` (ReCAP).
+A policy can drop one with ``disable: [name]`` and replace it with its own. The others are listed
+in a policy's ``plugins`` (``marcache plugins`` prints them all); ``trace`` is the ``--trace``
+recorder.
 """
 
-from . import cfg_schedules, cosine_schedule, ddpm_head, full_recompute, random_order  # noqa: F401  (register)
-from . import fts, gtr, lazymar, recap  # noqa: F401  (register)
-from . import lazymar_head  # noqa: F401  (register)
-from . import flop_counter  # noqa: F401,E402  (FLOPs section of every report; marcache.flops)
-from marcache import trace  # noqa: F401,E402  (the --trace recorder registers as "trace")
+from __future__ import annotations
 
-DEFAULT_PLUGINS = ("random_order", "cosine_schedule", "linear_cfg", "constant_cfg", "full_recompute", "ddpm_head", "flop_counter")
+import importlib
+import pkgutil
+
+_DISCOVERED = False
+
+
+def discover() -> None:
+    """Import every module of this package once (each registers its plugins on import)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")

@@ -27,7 +27,8 @@ class LinearCFG(Plugin):
     def marcache_cfg_scale(self, step):
         if step.gen.cfg_schedule != "linear":
             return None
-        return linear_cfg_scale(step.gen.cfg, step.gen.seq_len, step.num_masked_after)
+        # the reference's mask_len is clamped to >= 1 (it reaches 0 only after the last step)
+        return linear_cfg_scale(step.gen.cfg, step.gen.seq_len, max(step.num_masked_after, 1))
 
 
 @register_plugin

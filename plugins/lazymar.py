@@ -31,7 +31,8 @@ import torch
 
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
-from marcache.models.partial import CachedPass, TokenSelection, buffer_and_new_tokens, shared_feature_cache
+from marcache.caching import buffer_and_new_tokens, feature_cache_of, shared_feature_cache
+from marcache.models.partial import CachedPass, TokenSelection
 from marcache.plugin import Plugin, register_plugin
 
 #: RETAIN_RATIO_SCHEDULE of the released code (64 MAR steps)
@@ -169,6 +170,6 @@ class LazyMARCondCache(Plugin):
     @hookimpl
     def marcache_step_end(self, step, record):
         if step.gen.guided and is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
-            cache = step.store.get("features", "cache")
+            cache = feature_cache_of(step.store)
             b = step.gen.batch_size
             step.store.put(self.name, "diff", cache.prenorm[b:] - cache.prenorm[:b])

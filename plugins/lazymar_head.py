@@ -157,7 +157,7 @@ class LazyMARHeadCache:
 
     @torch.no_grad()
     def sample(self, diffloss, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0,
-               steps=None) -> torch.Tensor:
+               steps=None, clip_denoised: bool = False) -> torch.Tensor:
         """Same arguments and result as :meth:`DiffLoss.sample_with_noise` (conditional samples ``[N, C]``)."""
         cfg_ = self.config
         net, c = diffloss.net, diffloss.in_channels
@@ -208,7 +208,7 @@ class LazyMARHeadCache:
                 self.counter["cached_head_token_steps"] += n
                 self.counter["blocks_skipped"] += len(skip)
                 self.counter["mlp_recomputed" if recompute else "mlp_reused"] += kept
-            step = sched.p_mean_variance_from_output(out, x, t, diffloss.clip_denoised)
+            step = sched.p_mean_variance_from_output(out, x, t, clip_denoised)
             nonzero = 1.0 if i != 0 else 0.0
             x = step["mean"] + nonzero * torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
             if j == 0:

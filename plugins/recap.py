@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from marcache.hookspecs import hookimpl
-from marcache.models.partial import CachedPass, buffer_and_new_tokens, shared_feature_cache
+from marcache.caching import buffer_and_new_tokens, shared_feature_cache
+from marcache.models.partial import CachedPass
 from marcache.plugin import Plugin, register_plugin
 
 

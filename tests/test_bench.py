@@ -4,7 +4,6 @@ No assertion on speed (timings are measured by the command, not tested)."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import types
@@ -12,7 +11,7 @@ import types
 import pytest
 
 import marcache.cli as cli
-from marcache.bench import StepGrid, format_table, plot, run_bench
+from marcache.bench import BenchConfig, StepGrid, format_table, plot, run_bench
 from marcache.flops import policy_flops
 from marcache.models import create_model
 from marcache.policy import load_policy
@@ -21,7 +20,7 @@ from marcache.policy import load_policy
 @pytest.fixture(autouse=True)
 def _only_our_commands(monkeypatch):
     # the CLI parser imports every registered command module; keep this test independent of others'
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["marcache.flops", "marcache.bench"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["marcache.flops.command", "marcache.bench.command"])
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +37,15 @@ def policies(tmp_path):
     return str(fewer), str(head)
 
 
-def _args(**kw):
-    base = dict(model="mar_tiny", batch_size=2, num_images=2, warmup=1, repeats=2, seed=0, match="ar,head",
-                match_tolerance=0.05, eval=False, eval_samples=4, overrides=[], threads=None)
+def _config(policies=(), **kw):
+    base = dict(model="mar_tiny", batch_size=2, num_images=2, warmup=1, repeats=2, seed=0, match=("ar", "head"),
+                match_tolerance=0.05, eval=False, eval_samples=4)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return BenchConfig(policies=tuple(policies), **base)
 
 
 def test_rows_and_matched_baselines(model, policies):
-    report = run_bench(model, list(policies), _args(), log=lambda *a: None)
+    report = run_bench(model, _config(policies), log=lambda *a: None)
     rows = {r["label"]: r for r in report["rows"]}
     base = rows["baseline"]
     assert base["flops_ratio"] == 1.0 and base["wallclock_speedup"] == 1.0
@@ -100,7 +99,7 @@ def test_eval_rows_and_fid_plot(model, policies, monkeypatch, tmp_path):
         return {"fid": 10.0 + len(calls), "class_accuracy": 0.9}
 
     monkeypatch.setitem(sys.modules, "marcache.evaluation", types.SimpleNamespace(evaluate=fake_evaluate))
-    report = run_bench(model, [policies[0]], _args(eval=True, match="ar", repeats=1), log=lambda *a: None)
+    report = run_bench(model, _config([policies[0]], eval=True, match=("ar",), repeats=1), log=lambda *a: None)
     assert len(calls) == len(report["rows"]) == 3
     assert all(c[1:] == (4, 0, 2) for c in calls)
     assert [r["eval"]["fid"] for r in report["rows"]] == [11.0, 12.0, 13.0]
@@ -131,3 +130,24 @@ def test_cli_json_and_plot(tmp_path, policies, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [r["kind"] for r in report["rows"]] == ["baseline", "policy", "fewer_head_steps"]
     assert (out / "bench.json").is_file() and (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_validates_without_mutating():
+    """BenchConfig refuses bad values with one line; from_args leaves the parsed arguments untouched."""
+    import argparse
+
+    from marcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--repeats"):
+        BenchConfig(repeats=0)
+    with pytest.raises(ConfigError, match="num_iter"):
+        BenchConfig(overrides=("sampler.num_iter=4",))
+    args = argparse.Namespace(policy=["a.yaml"], model="mar_tiny", checkpoint=None, weights="model_ema", batch_size=3,
+                              num_images=None, warmup=0, repeats=1, seed=0, match="head,ar", match_tolerance=0.1,
+                              threads=None, eval=False, eval_samples=1, plot=None, out=None, json=False, overrides=[])
+    before = dict(vars(args))
+    config = BenchConfig.from_args(args)
+    assert vars(args) == before  # nothing written back (num_images stays None)
+    assert config.images == 3 and config.match == ("head", "ar") and config.policies == ("a.yaml",)
+    with pytest.raises(Exception):  # frozen
+        config.repeats = 2

@@ -11,20 +11,33 @@ from hypothesis import strategies as st
 from conftest import make_tiny, rel_err
 from marcache.errors import PluginError
 from marcache.flops import policy_flops
-from marcache.hookspecs import hookimpl
-from marcache.plugin import Plugin, available_plugins
+from marcache.plugin import available_plugins
 from marcache.plugins.cfg_schedules import linear_cfg_scale
 from marcache.policy import resolve_policy
 from marcache.scheduler import Sampler
+from marcache.testing import StepRecorder, check_scheduling_invariants
 
-ACCELERATORS = ["gtr_order", "gtr_schedule", "fts", "lazymar_token_cache", "lazymar_cond_cache", "lazymar_head", "recap"]
-# small-model settings: LazyMAR selects at decoder layer 3, the head skips blocks 1-4 of 6
-PARAMS = {
-    "lazymar_token_cache": {"warmup_steps": 2, "refresh_interval": 3, "cache_dtype": "float32"},
-    "lazymar_cond_cache": {"warmup_steps": 2, "refresh_interval": 3},
-    "gtr_schedule": {"head_max": 20, "head_min": 8, "head_rec": 8},
+def registered_accelerators() -> list[str]:
+    """Every built-in accelerator in the plugin registry: marcache's own plugins that are not part of
+    the official sampler and change a decision (not observers such as ``trace``)."""
+    return sorted(n for n, cls in available_plugins().items()
+                  if cls.__module__.startswith("marcache.plugins.") and not cls.builtin and cls.families - {"accounting"})
+
+
+# Small-model settings of each accelerator this file composes ({} = its defaults). A new built-in
+# accelerator must be added here: test_every_registered_accelerator_is_covered fails until it is.
+# LazyMAR selects at decoder layer 3; the head skips blocks 1-4 of 6.
+COVERED = {
     "fts": {"detail_steps": 16},
+    "gtr_order": {},
+    "gtr_schedule": {"head_max": 20, "head_min": 8, "head_rec": 8},
+    "lazymar_cond_cache": {"warmup_steps": 2, "refresh_interval": 3},
+    "lazymar_head": {},
+    "lazymar_token_cache": {"warmup_steps": 2, "refresh_interval": 3, "cache_dtype": "float32"},
+    "recap": {},
 }
+ACCELERATORS = [n for n in registered_accelerators() if n in COVERED]
+PARAMS = COVERED
 HEAD_STEPS = 24
 
 
@@ -48,29 +61,10 @@ def conflicting(names):
     return any(other in names for n in names for other in classes[n].conflicts)
 
 
-class Watcher(Plugin):
-    """Checks, at every step, that cached passes read only positions computed at some point."""
-
-    name = "test_composition_watcher"
-    families = frozenset({"accounting"})
-
-    def __init__(self):
-        super().__init__()
-        self.steps = []
-        self.stale_reads = 0
-
-    @hookimpl
-    def marcache_step_end(self, step, record):
-        self.steps.append((step, record))
-        self.engagement["steps"] += 1
-        cache = step.store.get("features", "cache")
-        if cache is None or not cache.ready or record.owners["forward"] == "full_recompute":
-            return
-        rows = record.encoder_runs[0].rows
-        present = (step.gen.model.with_buffer(step.mask.float()) == 0).repeat(rows // step.gen.batch_size, 1)
-        written = cache.enc_k[:, :rows].abs().sum(dim=(0, 2, 4)) > 0  # [R, P]
-        self.stale_reads += int((present & ~written).sum())
-        self.stale_reads += int((~(cache.dec_k[:, :rows].abs().sum(dim=(0, 2, 4)) > 0)).sum())
+def test_every_registered_accelerator_is_covered():
+    missing = sorted(set(registered_accelerators()) - set(COVERED))
+    assert not missing, f"accelerators registered but not composed by this file: {missing}; add them to COVERED"
+    assert set(ACCELERATORS) == set(COVERED), f"COVERED names unregistered plugins: {sorted(set(COVERED) - set(ACCELERATORS))}"
 
 
 PAIRS = list(itertools.combinations(ACCELERATORS, 2))
@@ -83,7 +77,7 @@ def test_every_pair(pair):
         with pytest.raises(PluginError, match="conflict"):
             Sampler(model, policy_of(pair))
         return
-    watcher = Watcher()
+    watcher = StepRecorder()
     sampler = Sampler(model, policy_of(pair), extra_plugins=[watcher])
     result = sampler.generate(labels=[3, 8], seed=2)
     predicted = sum(s.mask_to_pred.long() for s, _ in watcher.steps)
@@ -108,9 +102,9 @@ class HeadCount:
         self.rows_steps = 0
         original = model.diffloss.sample_with_noise
 
-        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None):
+        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
             self.rows_steps += noise.shape[0] * int(steps)
-            return original(z, noise, temperature, cfg, steps)
+            return original(z, noise, temperature, cfg, steps, **kwargs)
 
         monkeypatch.setattr(model.diffloss, "sample_with_noise", counted)
 
@@ -120,31 +114,21 @@ class HeadCount:
 def test_scheduling_invariants_of_random_stacks(params):
     model = model_for(params["grid"])
     policy = policy_of(params["names"], cfg=params["cfg"], num_iter=params["num_iter"])
-    watcher = Watcher()
+    watcher = StepRecorder()
     sampler = Sampler(model, policy, extra_plugins=[watcher])
     labels = list(range(params["batch"]))
     result = sampler.generate(labels=labels, seed=params["seed"])
     seq_len, b = model.seq_len, params["batch"]
-    orders = watcher.steps[0][0].gen.orders
-    # 1. orders are permutations
-    assert torch.equal(orders.sort(dim=1).values, torch.arange(seq_len).expand(b, -1))
-    # 2. each token predicted exactly once, 3. counts >= 1, equal over samples, summing to L
-    predicted = sum(s.mask_to_pred.long() for s, _ in watcher.steps)
-    assert torch.equal(predicted, torch.ones_like(predicted))
-    counts = [s.mask_to_pred.sum(dim=1) for s, _ in watcher.steps]
-    assert all(int(c.min()) >= 1 and torch.all(c == c[0]) for c in counts) and sum(int(c[0]) for c in counts) == seq_len
-    # 4. a token stays masked until the last step
-    assert all(int(s.mask_next.sum(dim=1).min()) >= 1 for s, _ in watcher.steps[:-1])
-    # 5. caches never serve a position that was never computed
-    assert watcher.stale_reads == 0
+    # 1-5 and finite tokens: orders are permutations, each token predicted once, equal counts >= 1
+    # summing to L, a token stays masked until the last step, caches never serve an uncomputed position
+    check_scheduling_invariants(watcher, result)
     # 6. the guidance scale follows the schedule, whatever the stack
     masked = seq_len
     for s, _ in watcher.steps:
         masked -= s.tokens_this_step
         expected = 1.0 if params["cfg"] == 1.0 else linear_cfg_scale(params["cfg"], seq_len, max(masked, 1))
         assert s.cfg_scale == expected
-    # 7. finite tokens; 8. no state leaks between generations (same call, same result)
-    assert torch.isfinite(result.tokens).all()
+    # 8. no state leaks between generations (same call, same result)
     sampler.generate(labels=[0], seed=params["seed"] + 1)
     again = sampler.generate(labels=labels, seed=params["seed"])
     assert rel_err(again.tokens, result.tokens) < 1e-6
@@ -162,7 +146,7 @@ def test_head_budgets_honoured(monkeypatch, extra):
     model = make_tiny(3, decoder_depth=4, diffloss_d=6)
     counter = HeadCount(model, monkeypatch)
     names = ["fts", extra] if extra != "gtr_schedule" else ["gtr_schedule", "fts"]
-    watcher = Watcher()
+    watcher = StepRecorder()
     Sampler(model, policy_of(names, cfg=1.0), extra_plugins=[watcher]).generate(labels=[1, 2], seed=0)
     asked = sum(steps * rows for _, r in watcher.steps for steps, rows in r.head_rows_by_steps.items())
     assert counter.rows_steps == asked

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tiny, rel_err
+from marcache.caching import feature_cache_of
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.models.partial import CachedPass, FeatureCache, TokenSelection, cached_forward
@@ -100,7 +101,7 @@ class CacheWatcher(Plugin):
 
     @hookimpl
     def marcache_step_end(self, step, record):
-        cache = step.store.get("features", "cache")
+        cache = feature_cache_of(step.store)
         positions = getattr(cache, "last_decoder_positions", None) if cache is not None else None
         self.kept.append((step.mask_to_pred.clone(), step.prev_mask_to_pred.clone(), positions))
         self.engagement["steps"] += 1

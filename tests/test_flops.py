@@ -9,8 +9,9 @@ import torch
 
 import marcache.cli as cli
 from marcache.errors import ConfigError
-from marcache.flops import (CostModel, FlopAccumulator, ShapeOnlyBackend, compare_with_baseline, cost_model_for,
-                            flop_counter_mode, policy_flops, record_flops)
+from marcache.backends.shape_only import ShapeOnlyBackend
+from marcache.flops import (CostModel, ExecutedShapes, FlopAccumulator, compare_with_baseline, cost_model_for, flop_counter_mode,
+                            policy_flops, record_flops)
 from marcache.models import model_config, create_model, meta_model
 from marcache.plans import TransformerRun
 from marcache.policy import load_policy
@@ -36,7 +37,7 @@ def head_pass_flops() -> int:
 @pytest.fixture(autouse=True)
 def _only_our_commands(monkeypatch):
     # the CLI parser imports every registered command module; keep this test independent of others'
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["marcache.flops", "marcache.bench"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["marcache.flops.command", "marcache.bench.command"])
 
 
 def main(argv):
@@ -64,9 +65,8 @@ def test_invalid_run_shape_rejected(tiny_costs):
         tiny_costs.block("encoder", 10, 5)
 
 
-class _Record:
-    def __init__(self, enc, dec, head, step=0):
-        self.step, self.encoder_runs, self.decoder_runs, self.head_rows_by_steps = step, enc, dec, head
+def _Record(enc, dec, head, step=0) -> ExecutedShapes:
+    return ExecutedShapes(step, tuple(enc), tuple(dec), head)
 
 
 def test_recomputing_k_of_n_tokens_scales_as_expected(tiny_costs):

@@ -60,9 +60,9 @@ class HeadCounter:
         self.calls = []
         original = model.diffloss.sample_with_noise
 
-        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None):
+        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
             self.calls.append((z.shape[0], int(steps)))
-            return original(z, noise, temperature, cfg, steps)
+            return original(z, noise, temperature, cfg, steps, **kwargs)
 
         monkeypatch.setattr(model.diffloss, "sample_with_noise", counted)
 

@@ -46,9 +46,20 @@ def test_head_sizes_and_head_dim():
 
 
 def test_every_registered_model_builds_on_meta():
+    """Each registered config builds on meta with the token grid its image size, VAE stride and patch
+    size imply (official defaults where the config leaves them out), and positional tables that fit."""
+    import inspect
+
+    from marcache.models import MAR, model_config
+
+    defaults = {k: p.default for k, p in inspect.signature(MAR).parameters.items()}
     for name in list_models():
+        cfg = {**defaults, **model_config(name)}
+        side = cfg["img_size"] // cfg["vae_stride"] // cfg["patch_size"]
         model = meta_model(name)
-        assert model.seq_len == model.seq_h * model.seq_w and model.seq_len > 0
+        assert (model.seq_h, model.seq_w) == (side, side) and side > 0, name
+        assert model.encoder_pos_embed_learned.shape[1] == side * side + cfg["buffer_size"], name
+        assert model.diffusion_pos_embed_learned.shape[1] == side * side, name
 
 
 def test_create_from_kwargs_and_unknown_name():

@@ -57,7 +57,7 @@ def test_firstresult_override_and_fallback(registry, tiny_model):
     register_plugin(RasterOrder)
     policy = resolve_policy({"sampler": {"num_iter": 16, "head_steps": 2}, "plugins": [{"name": "raster_test"}]})
     result = Sampler(tiny_model, policy)
-    from test_properties import StepRecorder
+    from marcache.testing import StepRecorder
 
     rec = StepRecorder()
     out = Sampler(tiny_model, policy, extra_plugins=[rec]).generate(labels=[1, 2], seed=0)

@@ -7,31 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny, rel_err
-from marcache.hookspecs import hookimpl
-from marcache.plugin import Plugin
 from marcache.plugins.cfg_schedules import linear_cfg_scale
 from marcache.policy import load_policy
 from marcache.scheduler import Sampler
-
-
-class StepRecorder(Plugin):
-    """Keeps what every hook saw (observer)."""
-
-    name = "test_step_recorder"
-    families = frozenset({"accounting"})
-
-    def __init__(self):
-        super().__init__()
-        self.steps, self.gen, self.heads = [], None, []
-
-    @hookimpl
-    def marcache_generation_start(self, gen):
-        self.gen = gen
-
-    @hookimpl
-    def marcache_step_end(self, step, record):
-        self.steps.append((step, record))
-        self.engagement["steps"] += 1
+from marcache.testing import StepRecorder
 
 
 @functools.lru_cache(maxsize=None)

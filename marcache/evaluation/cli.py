@@ -20,12 +20,12 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import _add_model_args, _add_policy_args
+    from ..cli import add_model_args, add_policy_args
 
     p = subparsers.add_parser("eval", help="FID/KID/precision/recall/IS/class accuracy of a policy (MNIST or Inception features)")
     p.set_defaults(func=run)
-    _add_model_args(p)
-    _add_policy_args(p)
+    add_model_args(p)
+    add_policy_args(p)
     from .runner import DEFAULT_NUM_SAMPLES
 
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,

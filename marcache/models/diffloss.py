@@ -142,9 +142,6 @@ class DiffLoss(nn.Module):
         self.train_diffusion = GaussianDiffusion("")
         self.gen_diffusion = GaussianDiffusion(num_sampling_steps)
         self._schedules: dict[str, GaussianDiffusion] = {self.gen_diffusion.spec: self.gen_diffusion}
-        # clamp predicted x_0 to [-1, 1] while sampling (pixel-space models); the sampler sets it from
-        # the sampler settings, False (the reference) for latent models
-        self.clip_denoised = False
 
     def schedule(self, steps: int | str) -> GaussianDiffusion:
         """The diffusion respaced to ``steps`` head steps, on the same device as the head."""
@@ -163,7 +160,8 @@ class DiffLoss(nn.Module):
             loss = (loss * mask).sum() / mask.sum()
         return loss.mean()
 
-    def sample_with_noise(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0, steps: int | str | None = None) -> torch.Tensor:
+    def sample_with_noise(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0,
+                          steps: int | str | None = None, clip_denoised: bool = False) -> torch.Tensor:
         """Run the full reverse chain with caller-supplied Gaussian draws.
 
         ``z``: conditions, ``[N, D]``, or ``[2N, D]`` (cond rows then uncond rows) when ``cfg != 1``.
@@ -171,10 +169,12 @@ class DiffLoss(nn.Module):
         temperature), ``noise[:, 1 + j]`` the draw of the j-th reverse step (T - 1 - j). Returns
         ``[N, C]``: the conditional samples only (under CFG the unconditional half of the reference's
         output is a copy driven by the same guided epsilon and is dropped by MAR anyway).
+        ``clip_denoised`` clamps each predicted x_0 to [-1, 1] (pixel-space models; False = reference).
         """
         sched = self.schedule(steps) if steps is not None else self.gen_diffusion
         # The condition embedding is the same at every step of the chain; only time changes.
-        return self.run_chain(self.net.cond_embed(z), noise, temperature, cfg, sched, guided=cfg != 1.0)
+        return self.run_chain(self.net.cond_embed(z), noise, temperature, cfg, sched, guided=cfg != 1.0,
+                              clip_denoised=clip_denoised)
 
     def time_embedding(self, sched: GaussianDiffusion, j: int) -> torch.Tensor:
         """``[1, W]`` time embedding of the j-th reverse step of ``sched`` (the same for every row)."""
@@ -182,7 +182,8 @@ class DiffLoss(nn.Module):
         return self.net.time_embed(sched.timestep_map[i : i + 1])
 
     def run_chain(self, c_emb: torch.Tensor, noise: torch.Tensor, temperature, cfg, sched: GaussianDiffusion,
-                  guided: bool, time_embeddings: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+                  guided: bool, time_embeddings: Optional[list[torch.Tensor]] = None,
+                  clip_denoised: bool = False) -> torch.Tensor:
         """The reverse chain from embedded conditions: the one definition of the head's sampling math.
 
         ``c_emb``: ``net.cond_embed(z)``, ``[N, W]`` (``[2N, W]`` cond rows then uncond rows when
@@ -202,7 +203,7 @@ class DiffLoss(nn.Module):
                 out = torch.cat([eps, out[:n, self.in_channels :]], dim=1)
             else:
                 out = self.net.forward_embedded(x, t_emb + c_emb)
-            step = sched.p_mean_variance_from_output(out, x, t, self.clip_denoised)
+            step = sched.p_mean_variance_from_output(out, x, t, clip_denoised)
             if i != 0:  # no noise at the last step
                 x = step["mean"] + torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
             else:

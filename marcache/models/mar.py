@@ -1,9 +1,9 @@
 """MAR (Li et al., 2024): masked autoregressive transformer over continuous tokens + diffusion head.
 
 Parameter names, shapes, initialisation and the semantics of every public method follow LTH14/mar
-(``models/mar.py`` at fe470ac), so official checkpoints load with ``strict=True``. Sampling lives in
-:mod:`marcache.scheduler` (the hooked loop); :meth:`MAR.sample_tokens` is a thin convenience wrapper
-around it with the built-in (official) plugins.
+(``models/mar.py`` at fe470ac), so official checkpoints load with ``strict=True``. Sampling (the
+reference's ``sample_tokens``) lives in :mod:`marcache.scheduler`, the hooked loop; the model knows
+nothing of it.
 """
 
 from __future__ import annotations
@@ -265,19 +265,3 @@ class MAR(nn.Module):
         x = self.forward_mae_encoder(x, mask, class_embedding)
         z = self.forward_mae_decoder(x, mask)
         return self.forward_loss(z=z, target=gt, mask=mask)
-
-    # ------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                      labels: Optional[torch.Tensor] = None, temperature: float = 1.0, progress: bool = False,
-                      seed: int = 0) -> torch.Tensor:
-        """Official-signature sampling through marcache's scheduler with the built-in plugins.
-
-        Returns latents ``[B, vae_embed_dim, h, w]`` (as the reference, before the VAE). Randomness is
-        per sample (seeded from ``seed`` and the sample index), not from global RNGs.
-        """
-        from ..scheduler import generate_tokens
-
-        result = generate_tokens(self, labels=labels, num_images=bsz, num_iter=num_iter, cfg=cfg,
-                                 cfg_schedule=cfg_schedule, temperature=temperature, seed=seed, progress=progress)
-        return self.unpatchify(result.tokens)

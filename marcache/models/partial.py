@@ -120,24 +120,6 @@ def _query_slots(present, q_pos, attn):
     return _kv_index(slots, attn.num_heads, attn.head_dim)
 
 
-def shared_feature_cache(store, dtype: torch.dtype = torch.float32) -> FeatureCache:
-    """The generation's feature cache (one per batch, shared by the plugins that refine a plan)."""
-    cache = store.get("features", "cache")
-    if cache is None:
-        cache = FeatureCache(dtype=dtype)
-        store.put("features", "cache", cache)
-    return cache
-
-
-def buffer_and_new_tokens(step) -> torch.Tensor:
-    """Encoder queries of an incremental pass: the buffer + the tokens decoded at the previous step,
-    ``[B, buffer + n_prev]`` positions (LazyMAR's lazy steps, ReCAP's Local-FEs)."""
-    buf, b = step.gen.model.buffer_size, step.gen.batch_size
-    buffer = torch.arange(buf, device=step.mask.device).expand(b, -1)
-    prev = mask_positions(step.prev_mask_to_pred, step.tokens_prev_step) + buf
-    return torch.cat([buffer, prev], dim=1)
-
-
 def _per_row(pos: Optional[torch.Tensor], r: int) -> Optional[torch.Tensor]:
     """Per-sample positions ``[B, q]`` -> per-row ``[R, q]`` (CFG halves share positions)."""
     if pos is None:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .hookspecs import hookimpl
-from .plugin import Plugin, register_plugin
+from marcache.hookspecs import hookimpl
+from marcache.plugin import Plugin, register_plugin
 
 PREDICTED, RECOMPUTED, CACHED, SKIPPED = 0, 1, 2, 3
 KIND_NAMES = ("predicted", "recomputed", "from cache", "skipped")
