@@ -100,10 +100,13 @@ def test_eval_rows_and_fid_plot(model, policies, monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "marcache.evaluation", types.SimpleNamespace(evaluate=fake_evaluate))
     report = run_bench(model, _config([policies[0]], eval=True, match=("ar",), repeats=1), log=lambda *a: None)
-    assert len(calls) == len(report["rows"]) == 3
-    assert all(c[1:] == (4, 0, 2) for c in calls)
-    assert [r["eval"]["fid"] for r in report["rows"]] == [11.0, 12.0, 13.0]
-    assert "FID" in format_table(report)
+    assert len(calls) == 2 * len(report["rows"]) == 6  # every row at seeds 0 and 1
+    assert [c[1:] for c in calls[:2]] == [(4, 0, 2), (4, 1, 2)]
+    rows = [r["eval"] for r in report["rows"]]
+    assert [r["fid"] for r in rows] == [11.5, 13.5, 15.5] and all(r["fid_spread"] == 1.0 for r in rows)
+    # the baseline ties itself; the others are further from it than the seed spread
+    assert [r["vs_baseline"] for r in rows] == ["tie", "worse", "worse"]
+    assert "FID" in format_table(report) and "worse" in format_table(report)
     path = plot(report, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +147,7 @@ def test_config_validates_without_mutating():
         BenchConfig(overrides=("sampler.num_iter=4",))
     args = argparse.Namespace(policy=["a.yaml"], model="mar_tiny", checkpoint=None, weights="model_ema", batch_size=3,
                               num_images=None, warmup=0, repeats=1, seed=0, match="head,ar", match_tolerance=0.1,
-                              threads=None, eval=False, eval_samples=1, plot=None, out=None, json=False, overrides=[])
+                              threads=None, eval=False, eval_samples=1, eval_seeds="0,1", plot=None, out=None, json=False, overrides=[])
     before = dict(vars(args))
     config = BenchConfig.from_args(args)
     assert vars(args) == before  # nothing written back (num_images stays None)

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     add_backend_arg(p)
     p.add_argument("--eval", action="store_true", help="also FID / class accuracy per row (marcache.evaluation)")
     p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--eval-seeds", default="0,1",
+                   help="seeds of --eval (default 0,1): FID is their mean, its spread max - min; a row within the "
+                        "spread of the baseline is a tie")
     p.add_argument("--plot", help="PNG path of the speed-vs-FID (or FLOPs) plot (default: OUT/bench.png with --out)")
     p.add_argument("--out", help="folder for bench.json and bench.png")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")

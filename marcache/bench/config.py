@@ -43,6 +43,7 @@ class BenchConfig:
     threads: Optional[int] = None
     eval: bool = False
     eval_samples: int = 1000
+    eval_seeds: tuple = (0, 1)
     plot: Optional[str] = None
     out: Optional[str] = None
     json: bool = False
@@ -57,6 +58,8 @@ class BenchConfig:
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.match_tolerance >= 0, "--match-tolerance must be >= 0"),
             (not self.eval or self.eval_samples >= 1, "--eval-samples must be >= 1"),
+            (len(self.eval_seeds) >= 1 and len(set(self.eval_seeds)) == len(self.eval_seeds),
+             "--eval-seeds must list distinct seeds, e.g. 0,1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,5 +82,13 @@ class BenchConfig:
         return cls(policies=tuple(args.policy), model=args.model, checkpoint=args.checkpoint, weights=args.weights,
                    batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats,
                    seed=args.seed, match=match_modes(args.match), match_tolerance=args.match_tolerance,
-                   threads=args.threads, eval=args.eval, eval_samples=args.eval_samples, plot=args.plot, out=args.out,
+                   threads=args.threads, eval=args.eval, eval_samples=args.eval_samples,
+                   eval_seeds=_seeds(args.eval_seeds), plot=args.plot, out=args.out,
                    json=args.json, overrides=tuple(args.overrides))
+
+
+def _seeds(text: str) -> tuple:
+    try:
+        return tuple(int(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--eval-seeds {text!r}: expected comma-separated integers, e.g. 0,1") from None

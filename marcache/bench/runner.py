@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from marcache.errors import ConfigError
+from marcache.evaluation.spread import combine_seeds, judge
 
 from .config import BenchConfig
 from .matching import StepGrid
@@ -139,8 +140,14 @@ def run_bench(model, config: BenchConfig, log=print) -> dict:
         from marcache.evaluation import evaluate  # lazy: heavy deps
 
         for row in rows:
-            log(f"eval {row.label} ({config.eval_samples} samples) ...")
-            row.eval = dict(evaluate(model, row.policy, config.eval_samples, config.seed, config.batch_size))
+            log(f"eval {row.label} ({config.eval_samples} samples, seeds {list(config.eval_seeds)}) ...")
+            per_seed = [dict(evaluate(model, row.policy, config.eval_samples, seed, config.batch_size))
+                        for seed in config.eval_seeds]
+            row.eval = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
+        base = rows[0].eval
+        for row in rows:  # a FID difference within either row's seed spread is a tie
+            spread = max(row.eval.get("fid_spread", 0.0), base.get("fid_spread", 0.0)) if len(config.eval_seeds) > 1 else None
+            row.eval["vs_baseline"] = judge(row.eval["fid"], base["fid"], spread)
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[baseline.config.backend.dtype]
     if device.type == "cpu":

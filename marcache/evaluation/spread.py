@@ -50,7 +50,7 @@ def combine_seeds(results: Sequence[dict]) -> dict:
     """
     combined = dict(results[0])
     combined.pop("fidelity", None)
-    combined.update(seed=None, seeds=[r["seed"] for r in results])
+    combined.update(seed=None, seeds=[r.get("seed") for r in results])
     combined.update(merge(results))
     for key in ("images_per_second", "generation_seconds", "wall_seconds"):
         values = [r.get(key) for r in results]
