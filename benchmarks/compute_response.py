@@ -40,27 +40,22 @@ def _ints(text: str) -> list[int]:
 
 def measure(model, ar_steps, head_steps, seeds, num_samples, out, batch_size=100, cache_root=None, progress=True):
     """Evaluate the baseline at every setting and seed; returns ``{"rows": [...], "defaults": {...}}``."""
-    from marcache.evaluation import evaluate
+    from marcache.evaluation.sweep import sweep
     from marcache.policy import load_policy
 
     settings = load_policy("baseline").sampler_settings(model)
     default_ar, default_head = int(settings["num_iter"]), int(settings["head_steps"])
-    plan = [("ar", k, [f"sampler.num_iter={k}"]) for k in sorted(set(ar_steps) | {default_ar})]
-    plan += [("head", h, [f"sampler.head_steps={h}"]) for h in sorted(set(head_steps) | {default_head})]
+    plan = [("ar", k, f"sampler.num_iter={k}") for k in sorted(set(ar_steps) | {default_ar})]
+    plan += [("head", h, f"sampler.head_steps={h}") for h in sorted(set(head_steps) | {default_head})]
+    results = sweep(model, [(f"{s}{v}", [o]) for s, v, o in plan], seeds, num_samples, out, batch_size,
+                    cache_root=cache_root, progress=progress)
     rows = []
-    for sweep, value, overrides in plan:
-        per_seed = {}
-        for seed in seeds:
-            result = evaluate(model, "baseline", num_samples, seed, batch_size, overrides=overrides,
-                              out_dir=str(Path(out) / f"{sweep}{value}-s{seed}"), cache_root=cache_root,
-                              progress=progress)
-            per_seed[seed] = {k: result.get(k) for k in METRICS}
-            print(f"{sweep} {value:>4} seed {seed}: FID {result['fid']:.2f}, accuracy {result['class_accuracy']:.3f}",
-                  file=sys.stderr)
-        fids = [r["fid"] for r in per_seed.values()]
-        rows.append({"sweep": sweep, "value": value, "per_seed": per_seed,
-                     "fid_mean": sum(fids) / len(fids), "fid_range": max(fids) - min(fids),
-                     "default": value == (default_ar if sweep == "ar" else default_head)})
+    for sweep_name, value, _ in plan:
+        r = results[f"{sweep_name}{value}"]
+        rows.append({"sweep": sweep_name, "value": value, "fid_mean": r["fid"], "fid_range": r["fid_spread"],
+                     "per_seed": {seed: {k: (r[f"{k}_per_seed"][i] if f"{k}_per_seed" in r else r.get(k))
+                                         for k in METRICS} for i, seed in enumerate(seeds)},
+                     "default": value == (default_ar if sweep_name == "ar" else default_head)})
     return {"rows": rows, "defaults": {"ar": default_ar, "head": default_head}, "seeds": list(seeds),
             "num_samples": num_samples}
 
