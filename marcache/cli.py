@@ -69,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="validate or show a policy")
     pol.set_defaults(func=cmd_policy)
     pol_sub = pol.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
-    for name, text in (("validate", "check a policy file; exit 2 with one line if invalid"), ("show", "print the resolved policy")):
+    for name, text in (("validate", "check a policy as generate/flops would (dry run, nothing computed); exit 2 with one line if invalid"),
+                       ("show", "print the resolved policy")):
         q = pol_sub.add_parser(name, help=text)
         q.add_argument("file")
+        if name == "validate":
+            q.add_argument("--model", default="mar_mnist",
+                           help="registered model to check against (settings, head depth...; default mar_mnist, as generate)")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
@@ -145,8 +149,10 @@ def cmd_generate(args) -> int:
     report = dict(result.report, model=name, checkpoint=args.checkpoint, seed=args.seed, labels=labels,
                   batch_size=args.batch_size, images=names)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    hits = report["cache_hits"]["decoder"]
+    cached = f", {hits['hit_rate']:.1%} of decoder outputs from the feature cache" if hits["from_cache"] else ""
     print(f"wrote {len(names)} images, grid.png and report.json to {out} "
-          f"({report['images_per_second']:.2f} images/s, policy {policy.config.name})")
+          f"({report['images_per_second']:.2f} images/s, policy {policy.config.name}{cached})")
     return 0
 
 
@@ -167,8 +173,9 @@ def cmd_policy(args) -> int:
 
     policy = load_policy(args.file, args.overrides)
     if args.policy_command == "validate":
-        names = [cls.name for cls, _ in policy.plugin_configs] or ["built-ins only"]
-        print(f"{policy.source}: valid ({', '.join(names)})")
+        from .validation import validate_policy
+
+        print(validate_policy(policy, args.model).line(policy.source))
     else:
         print(policy.to_yaml(), end="")
     return 0

@@ -18,6 +18,16 @@ import torch
 HEAD_STEPS_MIN, HEAD_STEPS_MAX = 2, 1000
 
 
+def require_head_steps(key: str, value, nullable: bool = False) -> None:
+    """Raise ``ValueError("key=value: must be in [2, 1000]")`` unless ``value`` is a head-step count
+    (an int in ``[HEAD_STEPS_MIN, HEAD_STEPS_MAX]``; ``None`` too when ``nullable``). For configs."""
+    if nullable and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not HEAD_STEPS_MIN <= value <= HEAD_STEPS_MAX:
+        raise ValueError(f"{key}={value!r}: must be an integer in [{HEAD_STEPS_MIN}, {HEAD_STEPS_MAX}]"
+                         + (" or null" if nullable else ""))
+
+
 @dataclass
 class ForwardPlan:
     """How the encoder and decoder run at this step.
@@ -109,6 +119,60 @@ def transformer_runs(step, plan: ForwardPlan) -> tuple[list[TransformerRun], lis
     return encoder, [r for r in decoder if r.layers > 0]
 
 
+def executed_positions(step, plan: ForwardPlan) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(recomputed, cached)``: ``[B, L]`` masks of the decoder outputs this step computed fresh and
+    those it served from the feature cache (``None`` after a full pass).
+
+    From what executed: the positions the partial pass carried through the last decoder layer (the
+    :class:`~marcache.models.partial.FeatureCache` records them; a LazyMAR selection is known only
+    then), else the plan's decoder queries (the shape-only backend runs no pass). No device sync."""
+    mask = step.mask
+    if plan.mode != "cached":
+        return torch.ones_like(mask), None
+    b, buf = step.gen.batch_size, step.gen.model.buffer_size
+    pos = getattr(plan.cache, "last_decoder_positions", None)
+    if pos is None or pos.is_meta:
+        pos = plan.spec.decoder_queries
+    if pos is None:  # every position ran
+        return torch.ones_like(mask), torch.zeros_like(mask)
+    ran = torch.zeros(b, buf + mask.shape[1], dtype=torch.bool, device=mask.device)
+    ran.scatter_(1, pos[:b].to(mask.device), True)  # the conditional rows (CFG halves share positions)
+    recomputed = ran[:, buf:]
+    return recomputed, ~recomputed
+
+
+def position_counts(record: "StepRecord", branches: str = "both") -> dict:
+    """Positions of one step over the batch's samples, by where their features came from:
+    decoder outputs recomputed / served from the feature cache, encoder positions (buffer included)
+    recomputed / read from cached K/V, and positions of the unconditional CFG branch rebuilt from the
+    condition cache. Values may be 0-d device tensors (``int()`` them when reporting)."""
+    b, seq_len = record.predicted.shape
+    enc = record.encoder_runs[0]
+    guided = record.rows == 2 * b
+    return {
+        "decoder_recomputed": record.recomputed.sum(),
+        "decoder_from_cache": record.cached.sum() if record.cached is not None else 0,
+        "encoder_recomputed": b * enc.queries,
+        "encoder_from_cache": b * (enc.keys - enc.queries),
+        "uncond_from_cond_cache": b * seq_len if guided and branches == "cond" else 0,
+    }
+
+
+def cache_hit_summary(steps: list[dict]) -> dict:
+    """Run totals of the per-step ``positions`` counts (see :func:`position_counts`) and hit rates."""
+    totals: dict[str, int] = {}
+    for s in steps:
+        for key, n in s["positions"].items():
+            totals[key] = totals.get(key, 0) + int(n)
+
+    def part(name: str) -> dict:
+        fresh, hit = totals.get(f"{name}_recomputed", 0), totals.get(f"{name}_from_cache", 0)
+        return {"recomputed": fresh, "from_cache": hit, "hit_rate": hit / (fresh + hit) if fresh + hit else 0.0}
+
+    return {"decoder": part("decoder"), "encoder": part("encoder"),
+            "uncond_from_cond_cache": totals.get("uncond_from_cond_cache", 0)}
+
+
 #: head modules a chain cache reports row invocations of (``StepRecord.head_module_rows``)
 HEAD_MODULES = ("time_embed", "cond_embed", "input_proj", "block_adaln", "block_mlp", "final")
 
@@ -122,9 +186,11 @@ class StepRecord:
         rows: rows of the encoder/decoder batch (2B with CFG).
         head_rows_by_steps: ``{head steps: network rows per head step}`` (CFG pairs counted as 2).
         predicted: ``[B, L]`` positions predicted this step.
-        recomputed: ``[B, L]`` positions whose decoder features were computed fresh this step.
-        cached: ``[B, L]`` positions whose features were served from a cache (None: none).
-        owners: which plugin owned each plan (``{"forward": ..., "head": ..., "cfg": ...}``).
+        recomputed: ``[B, L]`` positions whose decoder outputs were computed fresh this step (from
+            the executed plan, see :func:`executed_positions`).
+        cached: ``[B, L]`` positions whose decoder outputs were served from the feature cache
+            (None: a full pass, nothing cached).
+        owners: the plugin that last shaped each plan (``{"forward": ..., "head": ...}``).
     """
 
     step: int

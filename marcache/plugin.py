@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import importlib.metadata
 from collections import Counter
 from typing import Any, ClassVar, Iterable, Optional
@@ -193,6 +194,26 @@ def check_conflicts(plugins: Iterable[Plugin]) -> None:
             raise PluginError(f"plugins {claimants[0]!r} and {claimants[1]!r} both claim the exclusive hook family {family!r}; keep one")
 
 
+def _validation_line(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's message in one line, keeping what names the problem (e.g. an argument the hookspec
+    lacks) rather than its first line ("Plugin 'x' for hook 'y'")."""
+    lines = str(exc).splitlines()
+    hook = next((ln.split("'")[3] for ln in lines if ln.startswith("Plugin '") and ln.count("'") >= 4), None)
+    detail = next((ln for ln in lines if ln.startswith("Argument(s)")), None)
+    if hook and detail:
+        spec = getattr(hookspecs, hook, None)
+        names = ", ".join(inspect.signature(spec).parameters) if spec is not None else "?"
+        return f"{hook}: {detail.replace('hookimpl', 'implementation')} (it accepts: {names})"
+    return "; ".join(lines)
+
+
+def hook_calls(pm: pluggy.PluginManager, name: str) -> list[tuple[str, Any, list[str]]]:
+    """``(plugin name, function, argument names)`` of a hook's implementations in the order pluggy
+    calls them, so the loop can call them one at a time and check each plugin's result."""
+    impls = getattr(pm.hook, name).get_hookimpls()
+    return [(impl.plugin_name, impl.function, list(impl.argnames)) for impl in reversed(impls)]
+
+
 def build_plugin_manager(plugins: list[Plugin]) -> MarcachePluginManager:
     """Register ``plugins`` so refine hooks run in list order, then validate every hook name.
 
@@ -205,7 +226,7 @@ def build_plugin_manager(plugins: list[Plugin]) -> MarcachePluginManager:
         try:
             pm.register(plugin, name=plugin.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {plugin.name!r}: {str(exc).splitlines()[0]}") from None
+            raise PluginError(f"plugin {plugin.name!r}: {_validation_line(exc)}") from None
         except ValueError as exc:
             raise PluginError(f"plugin {plugin.name!r} listed twice in the policy ({exc})") from None
     for plugin in plugins:  # pm.check_pending(), with the plugin's name and a suggestion

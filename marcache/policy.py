@@ -30,6 +30,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, MarcacheError, PluginError
+from .plans import HEAD_STEPS_MAX, HEAD_STEPS_MIN
 from .plugin import Plugin, available_plugins, builtin_plugin_names, get_plugin_class
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,8 +52,8 @@ class SamplerConfig:
         _check(self.num_iter is None or self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
         _check(self.cfg is None or self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
         _check(self.temperature is None or self.temperature > 0, "sampler.temperature", "must be > 0")
-        # the reference's 1-step respacing has an empty posterior table and crashes: 2 is the minimum
-        _check(self.head_steps is None or 2 <= self.head_steps <= 1000, "sampler.head_steps", "must be in [2, 1000] or null")
+        _check(self.head_steps is None or HEAD_STEPS_MIN <= self.head_steps <= HEAD_STEPS_MAX, "sampler.head_steps",
+               f"must be in [{HEAD_STEPS_MIN}, {HEAD_STEPS_MAX}] or null (see marcache.plans.HEAD_STEPS_MIN)")
 
 
 @dataclass

@@ -22,9 +22,11 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_forward_plan, check_head_plan, checked_cfg_scale, checked_order, checked_schedule
 from .errors import ConfigError, PluginError
-from .plans import ForwardPlan, HeadPlan, StepRecord, transformer_runs
-from .plugin import Plugin, build_plugin_manager
+from .plans import (ForwardPlan, HeadPlan, StepRecord, cache_hit_summary, executed_positions, position_counts,
+                    transformer_runs)
+from .plugin import Plugin, build_plugin_manager, hook_calls
 from .policy import ResolvedPolicy, load_policy
 from .state import GenerationState, StepState
 
@@ -66,6 +68,9 @@ class Sampler:
         self.backend.prepare(self.model)
         self.plugins = self.policy.instantiate() + list(extra_plugins)
         self.pm = build_plugin_manager(self.plugins)
+        # the hooks whose results the loop checks are called one implementation at a time
+        self._calls = {h: hook_calls(self.pm, h) for h in ("marcache_token_order", "marcache_step_schedule",
+                                                             "marcache_cfg_scale", "marcache_forward_plan", "marcache_head_plan")}
         self.settings = self.policy.sampler_settings(self.model)
         self.pm.hook.marcache_configure.call_historic(kwargs=dict(policy=self.policy.config, model=self.model))
         self.step_log: list[dict] = []
@@ -110,8 +115,10 @@ class Sampler:
         )
         b, seq_len, c = gen.batch_size, model.seq_len, model.token_embed_dim
         hook.marcache_generation_start(gen=gen)
-        gen.orders = self._checked_order(hook.marcache_token_order(gen=gen), b, seq_len)
-        gen.tokens_per_step = self._checked_schedule(hook.marcache_step_schedule(gen=gen), seq_len)
+        orders, plugin = self._first_result("marcache_token_order", gen=gen)
+        gen.orders = checked_order(orders, plugin, gen)
+        counts, plugin = self._first_result("marcache_step_schedule", gen=gen)
+        gen.tokens_per_step = checked_schedule(counts, plugin, seq_len)
 
         tokens = torch.zeros(b, seq_len, c, device=device)
         mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)
@@ -126,20 +133,19 @@ class Sampler:
                              mask_next=mask_next, prev_mask_to_pred=prev, num_masked_after=masked_after)
             step.cfg_scale = self._cfg_scale(step)
             forward = ForwardPlan(mode="", owner="")
-            hook.marcache_forward_plan(step=step, plan=forward)
+            self._refine("marcache_forward_plan", lambda p: check_forward_plan(forward, p, step), step=step, plan=forward)
             if not forward.mode:
                 raise PluginError("no plugin planned the forward pass (is 'full_recompute' disabled without a replacement?)")
             z = self.backend.run_forward(step, forward)
             head = HeadPlan(steps=None, temperature=gen.temperature, owner="", clip_denoised=s["clip_denoised"])
-            hook.marcache_head_plan(step=step, plan=head, z=z[:b])
-            self._check_head_plan(head, b, count)
+            self._refine("marcache_head_plan", lambda p: check_head_plan(head, p, step), step=step, plan=head, z=z[:b])
             noise = self.backend.upload(self._head_noise(gen, head.steps, c))
             new_tokens = self.backend.run_head(step, z, head, noise)
             # row-major fill of the predicted positions (no boolean indexing: no device sync)
             tokens = tokens.masked_scatter(step.mask_to_pred.unsqueeze(-1), new_tokens.to(tokens.dtype))
             record = self._record(step, forward, head, z.shape[0])
             hook.marcache_step_end(step=step, record=record)
-            self._log_step(record, head)
+            self._log_step(record, head, forward.branches)
             prev, mask, masked = step.mask_to_pred, mask_next, masked_after
             gen.store.note_peak()
         hook.marcache_generation_end(gen=gen, tokens=tokens)
@@ -151,30 +157,24 @@ class Sampler:
     def _cfg_scale(self, step: StepState) -> float:
         if not step.gen.guided:
             return 1.0
-        scale = self.pm.hook.marcache_cfg_scale(step=step)
+        scale, plugin = self._first_result("marcache_cfg_scale", step=step)
         if scale is None:
             raise ConfigError(f"sampler.cfg_schedule={step.gen.cfg_schedule!r}: no plugin implements it (built-in: linear, constant)")
-        return float(scale)
+        return checked_cfg_scale(scale, plugin, step)
 
-    @staticmethod
-    def _checked_order(orders, b, seq_len) -> torch.Tensor:
-        if orders is None or tuple(orders.shape) != (b, seq_len):
-            raise PluginError(f"token order must be a [{b}, {seq_len}] tensor, got {None if orders is None else tuple(orders.shape)}")
-        expected = torch.arange(seq_len, device=orders.device).expand(b, -1)
-        if not torch.equal(orders.sort(dim=1).values, expected):
-            raise PluginError("token order plugin returned something that is not a permutation per sample")
-        return orders.long()
+    def _first_result(self, hook: str, **kwargs):
+        """``(result, plugin)`` of a firstresult hook: pluggy's order, first non-None answer wins."""
+        for plugin, function, argnames in self._calls[hook]:
+            result = function(*(kwargs[a] for a in argnames))
+            if result is not None:
+                return result, plugin
+        return None, None
 
-    @staticmethod
-    def _checked_schedule(counts, seq_len) -> list[int]:
-        if not counts or any(int(n) < 1 for n in counts) or sum(int(n) for n in counts) != seq_len:
-            raise PluginError(f"step schedule must be positive token counts summing to {seq_len}, got {counts}")
-        return [int(n) for n in counts]
-
-    @staticmethod
-    def _check_head_plan(plan: HeadPlan, b: int, k: int) -> None:
-        if plan.steps is None or tuple(plan.steps.shape) != (b, k) or not 2 <= int(plan.steps.min()) <= int(plan.steps.max()) <= 1000:
-            raise PluginError(f"head plan (owner {plan.owner!r}) must give 2..1000 DDPM steps to each of [{b}, {k}] tokens")
+    def _refine(self, hook: str, check, **kwargs) -> None:
+        """Call a refine hook's implementations in pluggy's order, checking the plan after each."""
+        for plugin, function, argnames in self._calls[hook]:
+            function(*(kwargs[a] for a in argnames))
+            check(plugin)
 
     @staticmethod
     def _head_noise(gen: GenerationState, steps: torch.Tensor, channels: int) -> torch.Tensor:
@@ -191,6 +191,7 @@ class Sampler:
     def _record(step: StepState, forward: ForwardPlan, head: HeadPlan, rows: int) -> StepRecord:
         gen = step.gen
         encoder_runs, decoder_runs = transformer_runs(step, forward)
+        recomputed, cached = executed_positions(step, forward)
         head_rows, modules = Counter(), Counter()
         guided = gen.guided and step.cfg_scale != 1.0
         for count, idx in head.groups():
@@ -200,18 +201,20 @@ class Sampler:
         return StepRecord(
             step=step.step, encoder_runs=encoder_runs, decoder_runs=decoder_runs, rows=rows,
             head_rows_by_steps=dict(head_rows),
-            predicted=step.mask_to_pred, recomputed=torch.ones_like(step.mask), cfg_scale=step.cfg_scale,
+            predicted=step.mask_to_pred, recomputed=recomputed, cached=cached, cfg_scale=step.cfg_scale,
             owners={"forward": forward.owner, "head": head.owner},
             head_module_rows=dict(modules) if head.chain_cache is not None else None,
         )
 
-    def _log_step(self, record: StepRecord, head: HeadPlan) -> None:
+    def _log_step(self, record: StepRecord, head: HeadPlan, forward_branches: str) -> None:
         self.step_log.append({
             "batch": self._batch_index, "step": record.step, "tokens": int(head.steps.shape[1]), "cfg_scale": record.cfg_scale,
             "encoder": [vars(r) for r in record.encoder_runs], "decoder": [vars(r) for r in record.decoder_runs],
             "rows": record.rows,
             "head_rows_by_steps": {str(k): v for k, v in sorted(record.head_rows_by_steps.items())},
             "owners": record.owners,
+            # resolved to ints when the report is built (counting here would sync the device)
+            "positions": position_counts(record, forward_branches),
         })
 
     def _report(self, num_images: int, seconds: float) -> dict:
@@ -221,6 +224,8 @@ class Sampler:
                 engagement.update(section)
         silent = [p.name for p in self.plugins if not p.builtin and not p.engagement]
         flops = engagement.get("flops")  # also at top level: every report carries the FLOPs of the run
+        for entry in self.step_log:
+            entry["positions"] = {k: int(v) for k, v in entry["positions"].items()}
         return {
             "flops": flops,
             "policy": self.policy.to_dict(),
@@ -235,6 +240,7 @@ class Sampler:
             "engagement": engagement,
             "never_engaged": silent,
             "cache_peak_bytes": getattr(self, "_cache_peak", {}),
+            "cache_hits": cache_hit_summary(self.step_log),
         }
 
 

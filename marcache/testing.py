@@ -73,6 +73,37 @@ class StepRecorder(Plugin):
         self.stale_reads += stale_cache_reads(step, record)
 
 
+class HeadChainCounter:
+    """Counts the DDPM network rows x head steps the model's plain head chains actually ran (CFG rows
+    counted), to compare with the records' ``head_rows_by_steps``. A context manager::
+
+        with HeadChainCounter(model) as counter:
+            sampler.generate(...)
+        assert counter.rows_steps == sum(s * r for rec in records for s, r in rec.head_rows_by_steps.items())
+    """
+
+    def __init__(self, model):
+        self.head = model.diffloss
+        self.calls: list[tuple[int, int]] = []  # (network rows, head steps) per chain
+
+    @property
+    def rows_steps(self) -> int:
+        return sum(rows * steps for rows, steps in self.calls)
+
+    def __enter__(self) -> "HeadChainCounter":
+        plain = type(self.head).sample_with_noise.__get__(self.head)
+
+        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
+            self.calls.append((z.shape[0], int(steps) if steps is not None else self.head.gen_diffusion.num_timesteps))
+            return plain(z, noise, temperature, cfg, steps, **kwargs)
+
+        self.head.sample_with_noise = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.head.sample_with_noise  # back to the class method
+
+
 def stale_cache_reads(step, record) -> int:
     """Positions a cached pass attended to (encoder: the visible ones; decoder: all) whose cached K/V
     were never computed in this generation."""

@@ -16,6 +16,7 @@ import torch
 
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
+from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
 
 
@@ -40,8 +41,7 @@ class FTSConfig:
     def __post_init__(self):
         if not 0.0 < self.beta <= 1.0:
             raise ValueError(f"beta={self.beta}: must be in (0, 1]")
-        if not 2 <= self.detail_steps <= 1000:
-            raise ValueError(f"detail_steps={self.detail_steps}: must be in [2, 1000]")
+        require_head_steps("detail_steps", self.detail_steps)
         if self.apply_to not in ("reconstruction", "all"):
             raise ValueError(f"apply_to={self.apply_to!r}: must be 'reconstruction' or 'all'")
 

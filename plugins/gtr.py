@@ -23,6 +23,7 @@ import torch
 
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
+from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
 
 
@@ -112,8 +113,7 @@ class GtRScheduleConfig:
         if not self.steps_per_stage and (len(self.rates) != self.num_stages or any(r <= 0 for r in self.rates)):
             raise ValueError(f"rates={list(self.rates)}: needs one positive rate per stage ({self.num_stages})")
         for key in ("head_max", "head_min", "head_rec"):
-            if not 2 <= getattr(self, key) <= 1000:
-                raise ValueError(f"{key}={getattr(self, key)}: must be in [2, 1000]")
+            require_head_steps(key, getattr(self, key))
 
 
 def gtr_plan(h: int, w: int, cfg: GtRScheduleConfig) -> tuple[list[int], list[int]]:

@@ -40,7 +40,7 @@ import torch
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.models.diffloss import modulate
-from marcache.plans import HEAD_MODULES
+from marcache.plans import HEAD_MODULES, require_head_steps
 from marcache.plugin import Plugin, register_plugin
 
 #: head-step kinds, in the order of their cost
@@ -63,8 +63,7 @@ class LazyMARHeadConfig:
     def __post_init__(self):
         if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
             raise ValueError(f"refresh_interval={self.refresh_interval}: must be an integer >= 1 (1 = every head step full)")
-        if not 2 <= self.reference_head_steps <= 1000:
-            raise ValueError(f"reference_head_steps={self.reference_head_steps}: must be in [2, 1000]")
+        require_head_steps("reference_head_steps", self.reference_head_steps)
         blocks = [int(b) for b in self.skip_blocks]
         if any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
             raise ValueError(f"skip_blocks={blocks}: must be distinct block indices >= 0")

@@ -19,9 +19,10 @@ from typing import Optional
 
 import torch
 
-from marcache.hookspecs import hookimpl
 from marcache.caching import buffer_and_new_tokens, shared_feature_cache
+from marcache.hookspecs import hookimpl
 from marcache.models.partial import CachedPass
+from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
 
 
@@ -36,8 +37,7 @@ class ReCAPConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0 or null")
         if self.local_per_group < 0:
             raise ValueError(f"local_per_group={self.local_per_group}: must be >= 0")
-        if self.local_head_steps is not None and not 2 <= self.local_head_steps <= 1000:
-            raise ValueError(f"local_head_steps={self.local_head_steps}: must be in [2, 1000] or null")
+        require_head_steps("local_head_steps", self.local_head_steps, nullable=True)
 
 
 def step_kind(step: int, num_steps: int, cfg: ReCAPConfig) -> tuple[str, int]:

@@ -10,7 +10,6 @@ import colorsys
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -56,42 +55,70 @@ class TraceRecorder(Plugin):
             self.samples.setdefault(sid, []).append((kinds[row].numpy(), known[row].numpy(), dict(record.owners)))
         self.engagement["steps_recorded"] += 1
 
-    def render(self, sample_id: int, grid: tuple[int, int], path: Path, per_row: int = 16) -> Path:
+    def layout(self, sample_id: int, grid: tuple[int, int], per_row: int = 16) -> dict:
+        """Geometry of a sample's trace image: cell size, tile origins per step, legend rows."""
         steps = self.samples[sample_id]
         h, w = grid
         cell = max(2, 48 // max(h, w))
         tile_w, tile_h, gap, legend_h = w * cell, h * cell, 4, 16
-        rows = (len(steps) + per_row - 1) // per_row
-        cols = min(per_row, len(steps))
-        owners = sorted({o for _, _, own in steps for o in own.values() if o})
-        legend_rows = len(owners)
-        img = Image.new("RGB", (max(cols * (tile_w + gap) + gap, 420), rows * (tile_h + gap + 10) + gap + legend_h * (legend_rows + 1)), "white")
-        draw = ImageDraw.Draw(img)
-        y0 = gap
-        for oi, owner in enumerate(owners):
-            x = gap
-            draw.text((x, y0 + oi * legend_h), owner, fill=(0, 0, 0))
-            x += 110
-            for kind in (PREDICTED, RECOMPUTED, CACHED):
-                draw.rectangle([x, y0 + oi * legend_h + 2, x + 10, y0 + oi * legend_h + 12], fill=plugin_colour(owner, kind))
-                draw.text((x + 13, y0 + oi * legend_h), KIND_NAMES[kind], fill=(0, 0, 0))
-                x += 95
-        draw.text((gap, y0 + legend_rows * legend_h), "dot = token already known before the step; white = skipped", fill=(80, 80, 80))
-        top = y0 + legend_h * (legend_rows + 1)
-        for s, (kinds, known, own) in enumerate(steps):
+        legend = self._legend(steps)
+        top = gap + legend_h * (len(legend) + 1)
+        origins = []
+        for s in range(len(steps)):
             r, c = divmod(s, per_row)
-            ox, oy = gap + c * (tile_w + gap), top + r * (tile_h + gap + 10)
-            draw.text((ox, oy), str(s), fill=(90, 90, 90))
-            oy += 10
-            for pos in range(h * w):
-                i, j = divmod(pos, w)
+            origins.append((gap + c * (tile_w + gap), top + r * (tile_h + gap + 10) + 10))
+        rows = (len(steps) + per_row - 1) // per_row
+        size = (max(min(per_row, len(steps)) * (tile_w + gap) + gap, 420), top + rows * (tile_h + gap + 10) + gap)
+        return {"cell": cell, "grid": grid, "origins": origins, "legend": legend, "legend_h": legend_h, "gap": gap, "size": size}
+
+    def cell_box(self, sample_id: int, grid: tuple[int, int], step: int, pos: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of token ``pos``'s cell in the tile of ``step`` (inclusive)."""
+        geo = self.layout(sample_id, grid)
+        cell, (ox, oy) = geo["cell"], geo["origins"][step]
+        i, j = divmod(pos, grid[1])
+        return ox + j * cell, oy + i * cell, ox + j * cell + cell - 1, oy + i * cell + cell - 1
+
+    @staticmethod
+    def _owner(kind: int, owners: dict) -> str:
+        return owners.get("head" if kind == PREDICTED else "forward", "")
+
+    def _legend(self, steps) -> list[tuple[str, list[int]]]:
+        """Per owner, the kinds that actually occur (the legend shows no colour the picture lacks)."""
+        seen: dict[str, set] = {}
+        for kinds, _, owners in steps:
+            for kind in (PREDICTED, RECOMPUTED, CACHED):
+                if (kinds == kind).any():
+                    seen.setdefault(self._owner(kind, owners), set()).add(kind)
+        return [(o, sorted(k)) for o, k in sorted(seen.items()) if o]
+
+    def render(self, sample_id: int, grid: tuple[int, int], path: Path, per_row: int = 16) -> Path:
+        """Write the trace of one sample as a PNG: one tile per step, one cell per token."""
+        steps = self.samples[sample_id]
+        geo = self.layout(sample_id, grid, per_row)
+        cell, gap, legend_h = geo["cell"], geo["gap"], geo["legend_h"]
+        img = Image.new("RGB", geo["size"], "white")
+        draw = ImageDraw.Draw(img)
+        for oi, (owner, kinds_seen) in enumerate(geo["legend"]):
+            y, x = gap + oi * legend_h, gap
+            draw.text((x, y), owner, fill=(0, 0, 0))
+            x += 110
+            for kind in kinds_seen:
+                draw.rectangle([x, y + 2, x + 10, y + 12], fill=plugin_colour(owner, kind))
+                draw.text((x + 13, y), KIND_NAMES[kind], fill=(0, 0, 0))
+                x += 95
+        skipped = any((kinds == SKIPPED).any() for kinds, _, _ in steps)
+        note = "dot = token already known before the step" + ("; white = skipped" if skipped else "")
+        draw.text((gap, gap + len(geo["legend"]) * legend_h), note, fill=(80, 80, 80))
+        for s, (kinds, known, owners) in enumerate(steps):
+            ox, oy = geo["origins"][s]
+            draw.text((ox, oy - 10), str(s), fill=(90, 90, 90))
+            for pos in range(grid[0] * grid[1]):
+                i, j = divmod(pos, grid[1])
                 kind = int(kinds[pos])
-                owner = own.get("head" if kind == PREDICTED else "forward", "")
-                x0, y0c = ox + j * cell, oy + i * cell
-                draw.rectangle([x0, y0c, x0 + cell - 1, y0c + cell - 1], fill=plugin_colour(owner, kind))
+                x0, y0 = ox + j * cell, oy + i * cell
+                draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=plugin_colour(self._owner(kind, owners), kind))
                 if known[pos] and cell >= 3:
-                    mid = cell // 2
-                    draw.point((x0 + mid, y0c + mid), fill=(0, 0, 0))
+                    draw.point((x0 + cell // 2, y0 + cell // 2), fill=(0, 0, 0))
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path)
         return path

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from marcache.cli import main
+from marcache.plugins.trace import PREDICTED, plugin_colour
 
 
 def test_generate_end_to_end(tmp_path, capsys):
@@ -22,8 +23,12 @@ def test_generate_end_to_end(tmp_path, capsys):
     assert report["labels"] == [1, 7, 3] and report["num_images"] == 3 and report["num_steps"] == 5
     assert report["policy"]["name"] == "baseline" and report["sampler"]["head_steps"] == 3
     assert len(report["steps"]) == 10  # two batches x five steps
-    trace = Image.open(out / "trace_00000.png")
-    assert trace.width > 100 and trace.height > 50
+    # one tile per step; every cell of the full-recompute baseline is predicted or recomputed (never
+    # "from cache"): colours checked pixel by pixel in tests/test_trace.py
+    trace = np.asarray(Image.open(out / "trace_00000.png").convert("RGB"))
+    predicted = np.array(plugin_colour("ddpm_head", PREDICTED), dtype=np.uint8)
+    # each of the 16 tokens is predicted once (a 12 px cell, never dotted: unknown before), plus the 11 px legend swatch
+    assert (trace == predicted).all(axis=-1).sum() == 16 * 12 * 12 + 11 * 11
     assert "wrote 3 images" in capsys.readouterr().out
 
     # same seed, same images
@@ -42,5 +47,6 @@ def test_plugins_and_policy_commands(capsys):
     assert "marcache_token_order" in listing
     assert main(["policy", "show", "baseline", "sampler.num_iter=12"]) == 0
     assert "num_iter: 12" in capsys.readouterr().out
-    assert main(["policy", "validate", "baseline"]) == 0
-    assert "valid" in capsys.readouterr().out
+    assert main(["policy", "validate", "--model", "mar_tiny", "baseline", "sampler.num_iter=3"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("baseline.yaml: valid (built-ins only); dry run on mar_tiny: 3 steps, 2 samples, 100 head steps per token")

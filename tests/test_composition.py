@@ -15,7 +15,7 @@ from marcache.plugin import available_plugins
 from marcache.plugins.cfg_schedules import linear_cfg_scale
 from marcache.policy import resolve_policy
 from marcache.scheduler import Sampler
-from marcache.testing import StepRecorder, check_scheduling_invariants
+from marcache.testing import HeadChainCounter, StepRecorder, check_scheduling_invariants
 
 def registered_accelerators() -> list[str]:
     """Every built-in accelerator in the plugin registry: marcache's own plugins that are not part of
@@ -97,18 +97,6 @@ def stacks(draw):
                 batch=draw(st.integers(1, 2)), cfg=draw(st.sampled_from([1.0, 3.0])), seed=draw(st.integers(0, 999)))
 
 
-class HeadCount:
-    def __init__(self, model, monkeypatch):
-        self.rows_steps = 0
-        original = model.diffloss.sample_with_noise
-
-        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
-            self.rows_steps += noise.shape[0] * int(steps)
-            return original(z, noise, temperature, cfg, steps, **kwargs)
-
-        monkeypatch.setattr(model.diffloss, "sample_with_noise", counted)
-
-
 @settings(max_examples=12)
 @given(stacks())
 def test_scheduling_invariants_of_random_stacks(params):
@@ -141,13 +129,13 @@ def test_scheduling_invariants_of_random_stacks(params):
 
 
 @pytest.mark.parametrize("extra", ["gtr_order", "gtr_schedule", "lazymar_token_cache", "lazymar_cond_cache", "recap"])
-def test_head_budgets_honoured(monkeypatch, extra):
+def test_head_budgets_honoured(extra):
     """11. the DDPM rows x steps that ran equal what the plans asked for."""
     model = make_tiny(3, decoder_depth=4, diffloss_d=6)
-    counter = HeadCount(model, monkeypatch)
     names = ["fts", extra] if extra != "gtr_schedule" else ["gtr_schedule", "fts"]
     watcher = StepRecorder()
-    Sampler(model, policy_of(names, cfg=1.0), extra_plugins=[watcher]).generate(labels=[1, 2], seed=0)
+    with HeadChainCounter(model) as counter:
+        Sampler(model, policy_of(names, cfg=1.0), extra_plugins=[watcher]).generate(labels=[1, 2], seed=0)
     asked = sum(steps * rows for _, r in watcher.steps for steps, rows in r.head_rows_by_steps.items())
     assert counter.rows_steps == asked
 

@@ -11,7 +11,7 @@ from marcache.policy import load_policy, resolve_policy
 from marcache.scheduler import Sampler
 from marcache.plugins.fts import fts_scores
 from marcache.plugins.gtr import GtRScheduleConfig, gtr_plan, gtr_stages, head_steps_for
-from test_properties import StepRecorder
+from marcache.testing import HeadChainCounter, StepRecorder
 
 
 def test_stage_sizes_16x16_k3():
@@ -53,27 +53,13 @@ def test_schedule_literal_reading_and_head_ramp():
         gtr_plan(4, 4, GtRScheduleConfig(steps_per_stage=[9, 1, 1]))
 
 
-class HeadCounter:
-    """Wraps ``sample_with_noise`` and counts DDPM network rows x steps actually run."""
-
-    def __init__(self, model, monkeypatch):
-        self.calls = []
-        original = model.diffloss.sample_with_noise
-
-        def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
-            self.calls.append((z.shape[0], int(steps)))
-            return original(z, noise, temperature, cfg, steps, **kwargs)
-
-        monkeypatch.setattr(model.diffloss, "sample_with_noise", counted)
-
-
-def test_gtr_order_and_budgets_honoured(monkeypatch):
+def test_gtr_order_and_budgets_honoured():
     model = make_tiny(4)
-    counter = HeadCounter(model, monkeypatch)
     recorder = StepRecorder()
     policy = load_policy("gtr_fts", ["gtr_schedule.head_max=12", "gtr_schedule.head_min=4", "gtr_schedule.head_rec=3",
                                      "fts.detail_steps=9", "fts.beta=0.25"])
-    result = Sampler(model, policy, extra_plugins=[recorder]).generate(labels=[1, 2], seed=3)
+    with HeadChainCounter(model) as counter:
+        result = Sampler(model, policy, extra_plugins=[recorder]).generate(labels=[1, 2], seed=3)
     stages = gtr_stages(4, 4, 3)
     stage_of = torch.zeros(16, dtype=torch.long)
     for k, s in enumerate(stages):
@@ -88,7 +74,7 @@ def test_gtr_order_and_budgets_honoured(monkeypatch):
         expected_rows_steps += sum(steps * rows for steps, rows in record.head_rows_by_steps.items())
         if stage == 2:  # reconstruction: 25% of each image's 8 tokens get the detail budget
             assert record.head_rows_by_steps == {3: 2 * 2 * 6, 9: 2 * 2 * 2}
-    assert sum(rows * steps for rows, steps in counter.calls) == expected_rows_steps
+    assert counter.rows_steps == expected_rows_steps
     assert result.report["engagement"]["fts"]["detail_tokens"] == 2 * 2
 
 

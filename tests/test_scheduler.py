@@ -115,3 +115,26 @@ def test_clip_denoised_bounds_the_predicted_start(tiny_model):
     # the setting travels in the head plan; the model holds no per-run state
     assert not hasattr(tiny_model.diffloss, "clip_denoised")
     assert torch.equal(_baseline(tiny_model, "sampler.num_iter=3").generate(labels=[1], seed=0).tokens, free)
+
+
+def test_generate_tokens_applies_sampler_arguments_to_a_resolved_policy(tiny_model):
+    """The sampler arguments are honoured whether the policy is a name or a resolved policy."""
+    from marcache.policy import load_policy
+    from marcache.scheduler import generate_tokens
+
+    by_name = generate_tokens(tiny_model, labels=[1], num_iter=3, head_steps=2, cfg=2.0, seed=0)
+    resolved = generate_tokens(tiny_model, labels=[1], num_iter=3, head_steps=2, cfg=2.0, seed=0, policy=load_policy("baseline"))
+    assert by_name.report["num_steps"] == resolved.report["num_steps"] == 3
+    assert resolved.report["sampler"]["cfg"] == 2.0 and resolved.report["sampler"]["head_steps"] == 2
+    assert torch.equal(by_name.tokens, resolved.tokens)
+    kept = generate_tokens(tiny_model, labels=[1], seed=0, policy=load_policy("baseline", ["sampler.num_iter=2", "sampler.head_steps=2"]))
+    assert kept.report["num_steps"] == 2  # no argument given: the policy's settings stand
+
+
+def test_num_masked_after_is_the_true_count(tiny_model):
+    from marcache.testing import StepRecorder
+
+    rec = StepRecorder()
+    Sampler(tiny_model, load_policy("baseline", ["sampler.num_iter=4", "sampler.head_steps=2"]), extra_plugins=[rec]).generate(labels=[1], seed=0)
+    left = [int(s.mask_next.sum()) for s, _ in rec.steps]
+    assert [s.num_masked_after for s, _ in rec.steps] == left and left[-1] == 0

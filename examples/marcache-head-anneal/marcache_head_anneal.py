@@ -15,6 +15,7 @@ Install with ``pip install -e examples/marcache-head-anneal``; marcache finds it
 from dataclasses import dataclass
 
 from marcache.hookspecs import hookimpl
+from marcache.plans import require_head_steps
 from marcache.plugin import Plugin
 
 
@@ -24,9 +25,9 @@ class HeadAnnealConfig:
     end: int = 5  # head steps at the last MAR step
 
     def __post_init__(self):
-        if not (2 <= self.end <= 1000 and 2 <= self.start <= 1000):
-            # a ValueError from a config reaches the user as one line naming the policy key
-            raise ValueError(f"start={self.start}, end={self.end}: both must be in [2, 1000]")
+        # a ValueError from a config reaches the user as one line naming the policy key
+        require_head_steps("start", self.start)
+        require_head_steps("end", self.end)
 
 
 class HeadAnneal(Plugin):

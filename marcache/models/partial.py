@@ -11,7 +11,7 @@ decoder tokens) and ReCAP (local steps on a group) are both plans for :func:`cac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -59,7 +59,8 @@ class FeatureCache:
     dec_in: Optional[torch.Tensor] = None  # [R, P, D] decoder inputs (embed + mask tokens + pos)
     prenorm: Optional[torch.Tensor] = None  # [R, P, D] last decoder states before decoder_norm
     sel_v: Optional[torch.Tensor] = None  # [R, H, P, hd] values at the selection layer, previous pass
-    stats: dict = field(default_factory=dict)
+    # [R, q] positions the last pass carried through the final decoder layer (its fresh outputs)
+    last_decoder_positions: Optional[torch.Tensor] = None
 
     def allocate(self, model, rows: int, device) -> None:
         p = model.buffer_size + model.seq_len
