@@ -22,6 +22,7 @@ Phases, in call order::
     generation start     marcache_generation_start               once per batch
                          marcache_token_order        firstresult
                          marcache_step_schedule      firstresult
+                         marcache_refine_order       refine
     each step            marcache_cfg_scale          firstresult
                          marcache_forward_plan       refine      -> backend runs encoder/decoder
                          marcache_head_plan          refine      -> backend runs the DDPM head
@@ -83,6 +84,17 @@ def marcache_step_schedule(gen: "GenerationState") -> Optional[list]:
     Its length is the number of steps that run. The count is common to all samples of a batch
     (MAR's encoder needs equal visible counts per row); *which* tokens follows each sample's order.
     firstresult.
+    """
+
+
+@hookspec
+def marcache_refine_order(gen: "GenerationState", orders: "torch.Tensor") -> None:
+    """Refine the token order once the step schedule is known: permute ``orders [B, L]`` in place.
+
+    Called after ``marcache_step_schedule`` with ``gen.tokens_per_step`` set, for plugins whose
+    reveal order depends on the schedule (ReCAP decodes the targets of a group of steps in raster
+    order). Keep each row a permutation (checked by the loop) and draw no randomness outside
+    ``gen.generators``. refine.
     """
 
 

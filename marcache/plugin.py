@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "marcache"
 FAMILIES: dict[str, dict[str, Any]] = {
     "order": {"hooks": {"marcache_token_order"}, "exclusive": True},
     "schedule": {"hooks": {"marcache_step_schedule"}, "exclusive": True},
+    "order_refine": {"hooks": {"marcache_refine_order"}, "exclusive": False},
     "guidance": {"hooks": {"marcache_cfg_scale"}, "exclusive": False},
     "features": {"hooks": {"marcache_forward_plan"}, "exclusive": False},
     "cfg_reuse": {"hooks": {"marcache_forward_plan"}, "exclusive": False},

@@ -210,6 +210,7 @@ def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[
         if cls.builtin:
             raise ConfigError(f"{source}: plugins[{i}]: {spec.name!r} is a built-in and always present; list only additional plugins")
         params = dict(spec.params) | plugin_overrides.get(spec.name, {})
+        spec.params = params  # the policy (reports, cross-plugin checks) shows the overridden values
         resolved.plugin_configs.append((cls, plugin_config(cls, params, f"{source}: plugins[{i}].params")))
     return resolved
 

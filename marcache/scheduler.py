@@ -1,7 +1,7 @@
 """The sampling loop. It lives here and nowhere else.
 
-Per batch: ``generation_start`` -> ``token_order`` -> ``step_schedule``; per step: masks from the
-order and the schedule -> ``cfg_scale`` -> ``forward_plan`` -> backend encoder/decoder ->
+Per batch: ``generation_start`` -> ``token_order`` -> ``step_schedule`` -> ``refine_order``; per step:
+masks from the order and the schedule -> ``cfg_scale`` -> ``forward_plan`` -> backend encoder/decoder ->
 ``head_plan`` -> backend head -> write tokens -> ``step_end``; then ``generation_end`` and the report.
 
 With only the built-in plugins this is LTH14/mar's ``MAR.sample_tokens``. The one deliberate
@@ -119,6 +119,11 @@ class Sampler:
         gen.orders = checked_order(orders, plugin, gen)
         counts, plugin = self._first_result("marcache_step_schedule", gen=gen)
         gen.tokens_per_step = checked_schedule(counts, plugin, seq_len)
+        if hook.marcache_refine_order.get_hookimpls():  # checked only when some plugin may have permuted it
+            gen.orders = gen.orders.clone()  # refined in place: never write through a plugin's own tensor
+            hook.marcache_refine_order(gen=gen, orders=gen.orders)
+            refiners = ", ".join(impl.plugin_name for impl in hook.marcache_refine_order.get_hookimpls())
+            gen.orders = checked_order(gen.orders, f"refine_order: {refiners}", gen)
 
         tokens = torch.zeros(b, seq_len, c, device=device)
         mask = torch.ones(b, seq_len, dtype=torch.bool, device=device)

@@ -59,8 +59,8 @@ def _nbytes(value: Any) -> int:
 
 @dataclass
 class GenerationState:
-    """Everything fixed for one batch. Plugins may read all fields; they write only to ``store``
-    and to their own engagement counters.
+    """Everything fixed for one batch. Plugins may read all fields; they write only to ``store``,
+    to their own engagement counters and, in ``marcache_refine_order``, to ``orders`` (in place).
 
     Attributes:
         model: the MAR being sampled.

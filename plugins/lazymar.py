@@ -15,10 +15,15 @@ Step types: step ``s`` is *full* if ``s < warmup_steps`` or ``(s - warmup_steps)
   unconditional ones as ``h_cond + diff``. Inactive without guidance (cfg = 1).
 
 The 64-entry keep-ratio table is applied by step progress (``table[floor(64 * s / T)]``): exactly the
-released table at T = 64, a stretched one at other step counts. One deliberate difference: forced
-positions are ranked below every cosine (the released code gives them score 0, so a token with a
-negative cosine could displace one, which its +15 margin makes unlikely): a predicted token is always
-recomputed.
+released table at T = 64, a stretched one at other step counts. Two deliberate differences, each with
+the released behaviour as an option (``policies/lazymar_release.yaml`` selects both):
+
+* ``forced_score``: forced positions are ranked below every cosine (``lowest``), so a predicted token
+  is always recomputed. The released code scores them 0 (``zero``), so a token with a negative cosine
+  can displace one (its +15 margin makes that unlikely); a displaced position then reads the released
+  unpruning's zero state.
+* ``round_fresh_kv``: attention uses the fresh K/V of the query positions at full precision; the
+  released code runs under fp16 autocast, so they are rounded like the fp16 cache (``true``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from marcache.plugin import Plugin, register_plugin
 #: RETAIN_RATIO_SCHEDULE of the released code (64 MAR steps)
 RELEASED_KEEP_RATIOS = [1.0] * 20 + [0.6] + [0.5] * 4 + [0.4] * 5 + [0.15] * 5 + [0.12] * 5 + [0.05] * 24
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: score of the forced positions (predicted this step or last) before the ascending sort
+FORCED_SCORES = {"lowest": -2.0, "zero": 0.0}
 
 
 def is_full_step(step: int, warmup: int, refresh: int) -> bool:
@@ -67,9 +74,13 @@ class LazyMARTokenCacheConfig(LazyScheduleConfig):
     forced_margin: int = 15
     keep_ratios: List[float] = field(default_factory=lambda: list(RELEASED_KEEP_RATIOS))
     cache_dtype: str = "float16"
+    forced_score: str = "lowest"  # "lowest": always kept; "zero": the released score 0
+    round_fresh_kv: bool = False  # true: fresh K/V rounded to cache_dtype, as under the released fp16 autocast
 
     def __post_init__(self):
         super().__post_init__()
+        if self.forced_score not in FORCED_SCORES:
+            raise ValueError(f"forced_score={self.forced_score!r}: one of {', '.join(FORCED_SCORES)}")
         if self.selection_layer < 0:
             raise ValueError(f"selection_layer={self.selection_layer}: must be >= 0")
         if self.forced_margin < 0:
@@ -117,6 +128,7 @@ class LazyMARTokenCache(Plugin):
         positions = model.buffer_size + model.seq_len
         plan.mode, plan.owner = "cached", self.name
         plan.cache = shared_feature_cache(step.store, CACHE_DTYPES[cfg.cache_dtype])
+        plan.cache.exact_fresh_kv = not cfg.round_fresh_kv
         if is_full_step(step.step, cfg.warmup_steps, cfg.refresh_interval):
             # full pass: refill every cache, record the selection layer's values (keep = all)
             forced = torch.zeros(step.gen.batch_size, positions, dtype=torch.bool, device=step.mask.device)
@@ -126,11 +138,25 @@ class LazyMARTokenCache(Plugin):
         n_pred, n_prev = step.tokens_this_step, step.tokens_prev_step
         keep = max(n_pred + n_prev + cfg.forced_margin, math.floor(positions * keep_ratio(cfg.keep_ratios, step.step, step.num_steps)))
         forced = model.with_buffer(step.mask_to_pred | step.prev_mask_to_pred)
-        plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step),
-                               selection=TokenSelection(self.selection_layer, min(keep, positions), forced))
+        release = cfg.forced_score == "zero"
+        selection = TokenSelection(self.selection_layer, min(keep, positions), forced,
+                                   forced_score=FORCED_SCORES[cfg.forced_score], zero_unselected=release)
+        plan.spec = CachedPass(encoder_queries=buffer_and_new_tokens(step), selection=selection)
         self.engagement["lazy_steps"] += 1
         self.engagement["decoder_tokens_recomputed"] += min(keep, positions)
         self.engagement["decoder_tokens_total"] += positions
+
+    @hookimpl
+    def marcache_step_end(self, step, record):
+        cache = step.store.get("features", "cache")
+        kept = getattr(cache, "last_decoder_positions", None)
+        if self.config.forced_score == "lowest" or kept is None or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+            return
+        # under the released score 0 a predicted position can be displaced: count it (a host sync, release mode only)
+        b = step.gen.batch_size
+        kept_mask = torch.zeros(kept.shape[0], cache.prenorm.shape[1], dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+        predicted = step.gen.model.with_buffer(step.mask_to_pred)
+        self.engagement["predicted_displaced"] += int((predicted & ~kept_mask[:b]).sum())
 
     def report_section(self) -> dict:
         out = dict(self.engagement)

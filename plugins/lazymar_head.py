@@ -18,6 +18,12 @@ Input projection, time and condition embeddings and the final layer always run. 
 (``cfg == 1``) there is no delta and no second half: cached steps are the plain forward with block and
 MLP reuse.
 
+The released code decides the two reuses with separate thresholds (both 7): ``refresh_interval``
+for the blocks and MLPs, ``cfg_refresh_interval`` (default: the same) for the CFG delta. When they
+differ, a step may run both halves with cached blocks, or the cond half with full blocks; every cache
+keeps the rows it was computed on and is fitted to a step's rows as the release does (the first rows
+when it has more, repeated when it has fewer).
+
 The released constants are tuned for 100 head steps. Here the refresh interval is scaled with the
 head-step count ``T`` (``round(refresh_interval * T / reference_head_steps)``, at least 1; disable
 with ``scale_with_head_steps: false``) and the MLP threshold is a fraction of ``T``, so at ``T = 100``
@@ -59,6 +65,7 @@ class LazyMARHeadConfig:
     skip_blocks: List[int] = field(default_factory=lambda: [1, 2, 3, 4])  # ResBlocks replaced by their cached residual
     mlp_reuse_threshold: float = 0.9  # non-skipped MLPs are recomputed at cached steps while i > threshold * T
     cfg_delta: bool = True  # cached steps run the cond half only, eps_uncond = eps_cond - delta
+    cfg_refresh_interval: Optional[int] = None  # both CFG halves (delta refreshed) when i % it == 0; None = refresh_interval
 
     def __post_init__(self):
         if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
@@ -70,12 +77,19 @@ class LazyMARHeadConfig:
         self.skip_blocks = sorted(blocks)
         if not 0.0 <= self.mlp_reuse_threshold <= 1.0:
             raise ValueError(f"mlp_reuse_threshold={self.mlp_reuse_threshold}: must be in [0, 1] (fraction of the head steps)")
+        if self.cfg_refresh_interval is not None and (not isinstance(self.cfg_refresh_interval, int) or self.cfg_refresh_interval < 1):
+            raise ValueError(f"cfg_refresh_interval={self.cfg_refresh_interval}: must be an integer >= 1 or null (= refresh_interval)")
 
-    def effective_interval(self, num_steps: int) -> int:
+    def effective_interval(self, num_steps: int, interval: Optional[int] = None) -> int:
         """Refresh interval (in respaced head steps) used for a chain of ``num_steps`` steps."""
+        interval = self.refresh_interval if interval is None else interval
         if not self.scale_with_head_steps:
-            return self.refresh_interval
-        return max(1, round(self.refresh_interval * num_steps / self.reference_head_steps))
+            return interval
+        return max(1, round(interval * num_steps / self.reference_head_steps))
+
+    def effective_cfg_interval(self, num_steps: int) -> int:
+        """Interval of the CFG-delta refresh (both halves run) for a chain of ``num_steps`` steps."""
+        return self.effective_interval(num_steps, self.cfg_refresh_interval)
 
 
 def head_step_kinds(num_steps: int, config: LazyMARHeadConfig) -> list[str]:
@@ -93,12 +107,32 @@ def head_step_kinds(num_steps: int, config: LazyMARHeadConfig) -> list[str]:
     return kinds
 
 
+def cfg_full_steps(num_steps: int, config: LazyMARHeadConfig) -> list[bool]:
+    """Per head step (execution order): do both CFG halves run (and refresh the delta)?"""
+    interval = config.effective_cfg_interval(num_steps)
+    return [i == num_steps - 1 or i % interval == 0 for i in range(num_steps - 1, -1, -1)]
+
+
+def fit_rows(cached: torch.Tensor, rows: int) -> torch.Tensor:
+    """A cache computed on other rows, fitted to ``rows`` as the release does: its first rows when it
+    has more (the cond half of a two-half cache), repeated when it has fewer (a cond-half cache on
+    both halves)."""
+    if cached.shape[0] > rows:
+        return cached[:rows]
+    if cached.shape[0] < rows:
+        return torch.cat([cached, cached])
+    return cached
+
+
 def schedule_summary(num_steps: int, config: LazyMARHeadConfig) -> dict:
     """Effective schedule of a ``num_steps`` chain (for reports and FLOP accounting)."""
     kinds = head_step_kinds(num_steps, config)
     steps = list(range(num_steps - 1, -1, -1))
+    cfg_full = cfg_full_steps(num_steps, config)
     return {
         "refresh_interval": config.effective_interval(num_steps),
+        "cfg_refresh_interval": config.effective_cfg_interval(num_steps),
+        "cfg_full_steps": [i for i, f in zip(steps, cfg_full) if f],
         "mlp_recompute_above_i": config.mlp_reuse_threshold * num_steps,
         FULL: kinds.count(FULL),
         CACHED_MLP: kinds.count(CACHED_MLP),
@@ -125,19 +159,20 @@ class LazyMARHeadCache:
     def module_rows(self, steps: int, tokens: int, guided: bool, depth: int) -> dict:
         """Row invocations of each head module over one chain (FLOP accounting; marcache.flops).
 
-        Full steps run the official network on every row (both CFG halves); cached steps run the
-        conditional rows only (with ``cfg_delta``), skip ``skip_blocks``, and recompute the kept
-        blocks' MLPs only on ``cached_mlp`` steps.
+        Steps with both CFG halves (every row) are the CFG-full ones; the others run the conditional
+        rows only (with ``cfg_delta``). Full block steps run every block; cached ones skip
+        ``skip_blocks`` and recompute the kept blocks' MLPs only on ``cached_mlp`` steps.
         """
         rows_full = 2 * tokens if guided else tokens
         rows_cached = tokens if (guided and self.config.cfg_delta) else rows_full
         kept = depth - len(self.config.skip_blocks)
         out = dict.fromkeys(HEAD_MODULES, 0)
-        for kind in head_step_kinds(steps, self.config):
+        for kind, cfg_full in zip(head_step_kinds(steps, self.config), cfg_full_steps(steps, self.config)):
+            r = rows_full if cfg_full else rows_cached
             if kind == FULL:
-                r, adaln, mlp = rows_full, depth, depth
+                adaln, mlp = depth, depth
             else:
-                r, adaln, mlp = rows_cached, kept, kept if kind == CACHED_MLP else 0
+                adaln, mlp = kept, kept if kind == CACHED_MLP else 0
             out["time_embed"] += r
             out["cond_embed"] += r
             out["input_proj"] += r
@@ -163,50 +198,48 @@ class LazyMARHeadCache:
         sched = diffloss.schedule(steps) if steps is not None else diffloss.gen_diffusion
         num_steps = sched.num_timesteps
         kinds = self.kinds(num_steps)
+        cfg_fulls = cfg_full_steps(num_steps, cfg_)
         guided = cfg != 1.0
         n = noise.shape[0]
         skip = set(cfg_.skip_blocks)
-        # rows a cached step runs: the cond half under CFG-delta reuse, else every row of the chain
-        half_only = guided and cfg_.cfg_delta
-        cached_rows = n if (half_only or not guided) else 2 * n
+        half_only = guided and cfg_.cfg_delta  # CFG-delta reuse: steps that are not CFG-full run the cond half
 
         x = noise[:, 0]
         c_emb = net.cond_embed(z)  # once per chain, as the plain chain does
         delta = None
-        residual: dict[int, torch.Tensor] = {}  # block -> x_out - x_in at the last full step (cached rows)
+        residual: dict[int, torch.Tensor] = {}  # block -> x_out - x_in at the last full block step
         mlp_out: dict[int, torch.Tensor] = {}  # block -> last computed MLP output, before the gate
 
         for j, i in enumerate(range(num_steps - 1, -1, -1)):
             kind = kinds[j]
             t = torch.full((n,), i, dtype=torch.long, device=z.device)
             t_emb = diffloss.time_embedding(sched, j)
+            both = guided and (cfg_fulls[j] or not half_only)
+            h, y = (torch.cat([x, x], dim=0), t_emb + c_emb) if both else (x, t_emb + c_emb[:n])
             if kind == FULL:
-                h = torch.cat([x, x], dim=0) if guided else x
-                out = self._trunk(net, h, t_emb + c_emb, skip, residual, mlp_out, store_rows=cached_rows)
-                if guided:
-                    eps_c, eps_u = out[:n, :c], out[n:, :c]
+                out = self._trunk(net, h, y, skip, residual, mlp_out)
+            else:
+                out = self._trunk_cached(net, h, y, skip, residual, mlp_out, kind == CACHED_MLP)
+            if both:
+                eps_c, eps_u = out[:n, :c], out[n:, :c]
+                if half_only:
                     delta = eps_c - eps_u
-                    out = torch.cat([eps_u + cfg * (eps_c - eps_u), out[:n, c:]], dim=1)
+            elif guided:
+                eps_c = out[:, :c]
+                eps_u = eps_c - delta
+            if guided:
+                out = torch.cat([eps_u + cfg * (eps_c - eps_u), out[:n, c:]], dim=1)
+            if kind == FULL:
                 self.counter["full_head_steps"] += 1
                 self.counter["full_head_token_steps"] += n
             else:
-                recompute = kind == CACHED_MLP
-                if half_only:
-                    out = self._trunk_cached(net, x, t_emb + c_emb[:n], skip, residual, mlp_out, recompute)
-                    eps_c = out[:, :c]
-                    eps_u = eps_c - delta
-                    out = torch.cat([eps_u + cfg * (eps_c - eps_u), out[:, c:]], dim=1)
-                else:
-                    h = torch.cat([x, x], dim=0) if guided else x
-                    out = self._trunk_cached(net, h, t_emb + c_emb, skip, residual, mlp_out, recompute)
-                    if guided:
-                        eps_c, eps_u = out[:n, :c], out[n:, :c]
-                        out = torch.cat([eps_u + cfg * (eps_c - eps_u), out[:n, c:]], dim=1)
                 kept = len(net.res_blocks) - len(skip)
                 self.counter["cached_head_steps"] += 1
                 self.counter["cached_head_token_steps"] += n
                 self.counter["blocks_skipped"] += len(skip)
-                self.counter["mlp_recomputed" if recompute else "mlp_reused"] += kept
+                self.counter["mlp_recomputed" if kind == CACHED_MLP else "mlp_reused"] += kept
+            if half_only and cfg_fulls[j] != (kind == FULL):  # only with separate thresholds
+                self.counter["cfg_steps_off_block_schedule"] += 1
             step = sched.p_mean_variance_from_output(out, x, t, clip_denoised)
             nonzero = 1.0 if i != 0 else 0.0
             x = step["mean"] + nonzero * torch.exp(0.5 * step["log_variance"]) * noise[:, 1 + j] * temperature
@@ -218,18 +251,18 @@ class LazyMARHeadCache:
         return x
 
     @staticmethod
-    def _trunk(net, x, y, skip, residual, mlp_out, store_rows: int) -> torch.Tensor:
-        """Full forward (as ``SimpleMLPAdaLN.forward_embedded``), filling the caches with the first
-        ``store_rows`` rows: residuals of skipped blocks, MLP outputs of the others."""
+    def _trunk(net, x, y, skip, residual, mlp_out) -> torch.Tensor:
+        """Full forward (as ``SimpleMLPAdaLN.forward_embedded``), filling the caches with every row:
+        residuals of skipped blocks, MLP outputs of the others."""
         x = net.input_proj(x)
         for b, block in enumerate(net.res_blocks):
             shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
             m = block.mlp(modulate(block.in_ln(x), shift, scale))
             x_next = x + gate * m
             if b in skip:
-                residual[b] = (x_next - x)[:store_rows]
+                residual[b] = x_next - x
             else:
-                mlp_out[b] = m[:store_rows]
+                mlp_out[b] = m
             x = x_next
         return net.final_layer(x, y)
 
@@ -238,14 +271,15 @@ class LazyMARHeadCache:
         """Cached forward: skipped blocks add their residual; the others recompute the modulation and
         either run the MLP (refreshing its cache) or reuse the cached MLP output."""
         x = net.input_proj(x)
+        rows = x.shape[0]
         for b, block in enumerate(net.res_blocks):
             if b in skip:
-                x = x + residual[b]
+                x = x + fit_rows(residual[b], rows)
                 continue
             shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
             if recompute_mlp:
                 mlp_out[b] = block.mlp(modulate(block.in_ln(x), shift, scale))
-            x = x + gate * mlp_out[b]
+            x = x + gate * fit_rows(mlp_out[b], rows)
         return net.final_layer(x, y)
 
 

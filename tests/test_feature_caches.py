@@ -183,7 +183,7 @@ def test_recap_step_kinds():
 
 def test_recap_without_local_steps_equals_baseline(model):
     expected = baseline(model).generate(labels=[2, 3], seed=1).tokens
-    policy = resolve_policy({"sampler": {"num_iter": 10, "head_steps": 4}, "plugins": [{"name": "recap", "params": {"local_per_group": 0}}]})
+    policy = resolve_policy({"sampler": {"num_iter": 10, "head_steps": 4}, "plugins": [{"name": "recap", "params": {"local_per_group": 0, "final_step_cfg": "schedule"}}]})
     assert rel_err(Sampler(model, policy).generate(labels=[2, 3], seed=1).tokens, expected) < 1e-6
 
 

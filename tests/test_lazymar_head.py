@@ -146,7 +146,7 @@ def test_cached_step_reuses_rather_than_recomputes():
     y2 = net.time_embed(torch.tensor([300])) + net.cond_embed(z)
     skip, residual, mlp_out = {1}, {}, {}
     with torch.no_grad():
-        full = LazyMARHeadCache._trunk(net, x1, y1, skip, residual, mlp_out, store_rows=2)
+        full = LazyMARHeadCache._trunk(net, x1, y1, skip, residual, mlp_out)
         assert torch.equal(full, net.forward_embedded(x1, y1))
         cached = LazyMARHeadCache._trunk_cached(net, x2, y2, skip, residual, mlp_out, recompute_mlp=False)
         fresh = net.forward_embedded(x2, y2)

@@ -29,6 +29,12 @@ class TokenSelection:
     layer: int
     keep: int
     forced: torch.Tensor  # [B, P] bool
+    # score given to forced positions before the ascending sort: below any cosine (-2) guarantees
+    # they are kept; the released code's 0 lets a negative-cosine position displace one
+    forced_score: float = -2.0
+    # positions not kept leave zeros as their final states (the released unpruning), instead of the
+    # cached states of the previous pass; only a displaced forced position is ever read
+    zero_unselected: bool = False
 
 
 @dataclass
@@ -52,6 +58,9 @@ class FeatureCache:
     """Per-position features of every row of the batch (allocated on the first pass)."""
 
     dtype: torch.dtype = torch.float32
+    # attention uses the fresh K/V of the query positions at full precision; False: as stored in the
+    # cache (rounded to ``dtype``, as under the released LazyMAR's fp16 autocast)
+    exact_fresh_kv: bool = True
     enc_k: Optional[torch.Tensor] = None  # [layers, R, H, P, hd]
     enc_v: Optional[torch.Tensor] = None
     dec_k: Optional[torch.Tensor] = None
@@ -93,7 +102,7 @@ def _kv_index(pos: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return pos[:, None, :, None].expand(-1, heads, -1, head_dim)
 
 
-def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=False):
+def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=False, exact_fresh=True):
     """One block on query rows ``x [R, q, D]`` at positions ``q_pos``, attending over ``present``."""
     attn = block.attn
     h = block.norm1(x)
@@ -105,8 +114,9 @@ def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=Fals
     keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
     vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
     # the fresh K/V are exact at the query positions (the cache may hold them at lower precision)
-    keys = keys.scatter(2, _query_slots(present, q_pos, attn), k) if cache_k.dtype != q.dtype else keys
-    vals = vals.scatter(2, _query_slots(present, q_pos, attn), v) if cache_v.dtype != q.dtype else vals
+    if exact_fresh and cache_k.dtype != q.dtype:
+        slots = _query_slots(present, q_pos, attn)
+        keys, vals = keys.scatter(2, slots, k), vals.scatter(2, slots, v)
     out = F.scaled_dot_product_attention(q, keys, vals)
     b, n, c = x.shape
     x = x + attn.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -148,7 +158,7 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     q_pos = present if spec.encoder_queries is None else _per_row(spec.encoder_queries, r)
     x = gather_positions(enc_in, q_pos)
     for i, block in enumerate(model.encoder_blocks):
-        x, _ = _layer(block, x, q_pos, present, cache.enc_k[i, rows], cache.enc_v[i, rows])
+        x, _ = _layer(block, x, q_pos, present, cache.enc_k[i, rows], cache.enc_v[i, rows], exact_fresh=cache.exact_fresh_kv)
     x = model.encoder_norm(x)
 
     # ---------------------------------------------------------------- decoder inputs
@@ -167,20 +177,23 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     forced = _per_row(sel.forced, r) if sel is not None else None
     for i, block in enumerate(model.decoder_blocks):
         if sel is not None and i == sel.layer:
-            x, v_now = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], stop_after_attention=True)
-            keep = _select(v_now, d_pos, cache, rows, sel.keep, forced)
+            x, v_now = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], stop_after_attention=True,
+                              exact_fresh=cache.exact_fresh_kv)
+            keep = _select(v_now, d_pos, cache, rows, sel.keep, forced, sel.forced_score)
             x = gather_positions(x, torch.searchsorted(d_pos.contiguous(), keep))
             d_pos = keep
             x = block.mlp_residual(x)
         else:
-            x, _ = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows])
+            x, _ = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], exact_fresh=cache.exact_fresh_kv)
     prenorm = cache.prenorm[rows]
+    if sel is not None and sel.zero_unselected:
+        prenorm.zero_()
     _scatter_positions(prenorm, d_pos, x)
     cache.last_decoder_positions = d_pos
     return prenorm
 
 
-def _select(v_now, d_pos, cache: FeatureCache, rows, keep: int, forced: torch.Tensor) -> torch.Tensor:
+def _select(v_now, d_pos, cache: FeatureCache, rows, keep: int, forced: torch.Tensor, forced_score: float = -2.0) -> torch.Tensor:
     """Positions kept after the selection layer, sorted per row."""
     r, heads, q, hd = v_now.shape
     p = cache.dec_k.shape[3]
@@ -190,8 +203,8 @@ def _select(v_now, d_pos, cache: FeatureCache, rows, keep: int, forced: torch.Te
         cache.sel_v = torch.zeros(cache.dec_k.shape[1], heads, p, hd, device=v_now.device, dtype=v_now.dtype)
     prev = cache.sel_v[rows]
     score = F.cosine_similarity(full_v, prev.to(full_v.dtype), dim=-1).mean(dim=1)  # [R, P]
-    # forced positions first (below any cosine), then the most-changed ones
-    score = torch.where(forced, torch.full_like(score, -2.0), score)
+    # forced positions get ``forced_score`` (default below any cosine), then the most-changed ones
+    score = torch.where(forced, torch.full_like(score, forced_score), score)
     keep = min(keep, p)
     chosen = score.topk(keep, dim=1, largest=False).indices.sort(dim=1).values
     cache.sel_v[rows] = full_v.to(cache.sel_v.dtype)
