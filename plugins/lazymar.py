@@ -148,7 +148,7 @@ class LazyMARTokenCache(Plugin):
 
     @hookimpl
     def marcache_step_end(self, step, record):
-        cache = step.store.get("features", "cache")
+        cache = feature_cache_of(step.store)
         kept = getattr(cache, "last_decoder_positions", None)
         if self.config.forced_score == "lowest" or kept is None or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
             return

@@ -214,9 +214,11 @@ def test_fresh_kv_rounded_like_the_fp16_cache(recap_model):
 
 
 def test_release_policy_runs_and_reports(recap_model):
-    policy = load_policy("lazymar_release", ["sampler.num_iter=8", "sampler.head_steps=3", "lazymar_token_cache.warmup_steps=2",
-                                             "lazymar_cond_cache.warmup_steps=2", "lazymar_token_cache.refresh_interval=3",
-                                             "lazymar_cond_cache.refresh_interval=3", "lazymar_head.skip_blocks=[1]"])
+    shipped = load_policy("lazymar_release").to_dict()
+    policy = resolve_policy({**shipped, "disable": ["flop_counter"]},  # FLOP pricing is not under test here
+                            overrides=["sampler.num_iter=8", "sampler.head_steps=3", "lazymar_token_cache.warmup_steps=2",
+                                       "lazymar_cond_cache.warmup_steps=2", "lazymar_token_cache.refresh_interval=3",
+                                       "lazymar_cond_cache.refresh_interval=3", "lazymar_head.skip_blocks=[1]"])
     result = Sampler(recap_model, policy).generate(labels=[1, 2], seed=0)
     assert torch.isfinite(result.tokens).all()
     section = result.report["engagement"]["lazymar_token_cache"]
