@@ -143,3 +143,23 @@ def check_scheduling_invariants(recorder: StepRecorder, result=None) -> None:
     assert recorder.stale_reads == 0, f"5. {recorder.stale_reads} cached position(s) read before being computed"
     if result is not None:
         assert torch.isfinite(result.tokens).all(), "6. non-finite tokens"
+
+
+class HostSyncGuard(Plugin):
+    """Observer that makes any host sync between a step's forward plan and its end an error
+    (``torch.cuda.set_sync_debug_mode("error")``); a sync-free backend generates through it unharmed.
+    CUDA only: on other devices PyTorch has nothing to report. ``engagement["guarded_steps"]`` counts
+    the steps it watched. Restore the mode with
+    ``torch.cuda.set_sync_debug_mode("default")`` if a generation raises."""
+
+    name = "marcache_testing_sync_guard"
+    families = frozenset({"features"})  # it implements marcache_forward_plan (and changes no plan)
+
+    @hookimpl(tryfirst=True)
+    def marcache_forward_plan(self, step, plan):
+        torch.cuda.set_sync_debug_mode("error")
+
+    @hookimpl(trylast=True)
+    def marcache_step_end(self, step, record):
+        torch.cuda.set_sync_debug_mode("default")
+        self.engagement["guarded_steps"] += 1  # proof that the guard was armed, not bypassed

@@ -18,3 +18,12 @@ torch.set_num_threads(1)
 def tiny_model():
     """A random pixel-space MAR (4x4 tokens of 16 dims, 10 classes) whose head depends on z."""
     return make_tiny(4)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); benchmarks/gpu_check.py runs them")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")

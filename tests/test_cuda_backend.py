@@ -13,11 +13,12 @@ from marcache.backends.cuda import DEFAULT_BUCKETS, ChainKey, HeadChainRunner, r
 from marcache.cli import main
 from marcache.policy import load_policy
 from marcache.scheduler import Sampler
+from marcache.testing import HostSyncGuard
 from conftest import make_tiny, rel_err
 
 POLICY_FILES = sorted((Path(__file__).parents[1] / "policies").glob("*.yaml"))
 SHORT = ["sampler.num_iter=8", "sampler.head_steps=20"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest); benchmarks/gpu_check.py runs these
 
 
 @pytest.fixture(scope="module")
@@ -169,29 +170,16 @@ def test_graphs_with_autocast_stay_within_dtype_tolerance(dtype):
 @needs_cuda
 def test_no_host_sync_inside_a_baseline_step():
     """Between the forward plan and the end of a step nothing waits for the device."""
-    from marcache.hookspecs import hookimpl
-    from marcache.plugin import Plugin
-
-    class SyncGuard(Plugin):
-        name = "sync_guard"
-        builtin = True
-
-        @hookimpl(tryfirst=True)
-        def marcache_forward_plan(self, step, plan):
-            torch.cuda.set_sync_debug_mode("error")
-
-        @hookimpl(trylast=True)
-        def marcache_step_end(self, step, record):
-            torch.cuda.set_sync_debug_mode("default")
-
     gpu_model = make_tiny(4).cuda()
     backend = CudaBackend(torch.device("cuda"))
     policy = load_policy("baseline", SHORT)
     Sampler(gpu_model, policy, backend=backend).generate(labels=[1, 2], seed=0)  # captures the graphs
+    guard = HostSyncGuard()
     try:
-        Sampler(gpu_model, policy, backend=backend, extra_plugins=[SyncGuard()]).generate(labels=[1, 2], seed=0)
+        Sampler(gpu_model, policy, backend=backend, extra_plugins=[guard]).generate(labels=[1, 2], seed=0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert guard.engagement["guarded_steps"] == 8, "the guard watched every step"
 
 
 def test_backend_benchmark_harness_runs(tmp_path):
