@@ -14,7 +14,7 @@ class BudgetNotMet(MarcacheError):
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import _add_model_args
+    from ..cli import add_model_args
 
     p = subparsers.add_parser(
         "tune", help="search composed policies for a budget (Optuna; resumable, several workers may share a study)",
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
                     "calibration set) over which tunable plugins are on and their parameters; writes the Pareto front "
                     "and, for a budget, a ready policy YAML. See docs/tune.md.")
     p.set_defaults(func=run)
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--space", help="search-space YAML (default: every tunable plugin with its declared ranges, "
                                    "sampler num_iter and head_steps; see `marcache plugins --tunable`)")
     budget = p.add_mutually_exclusive_group()
@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
                         "(MNIST-sized), ssim = 1 - mean SSIM; auto = feature where it applies, else ssim")
     p.add_argument("--cost", choices=["flops", "speed"], default=None,
                    help="cost objective: exact FLOPs ratio (default) or measured speedup (default with --target-speedup)")
+    p.add_argument("--baseline-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides of the baseline that costs and fidelity are relative to, e.g. sampler.num_iter=32")
     p.add_argument("--n-trials", type=int, default=40, help="finished trials the study should reach, all workers together (default 40)")
     p.add_argument("--calibration-samples", type=int, default=64, help="calibration images per trial (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration set and of the sampler (default 0)")
@@ -86,6 +88,9 @@ def run(args) -> int:
     from .study import Budget, default_storage, finished, make_objective, open_study, run_study
 
     _validate(args)
+    from ..policy import load_policy
+
+    baseline = load_policy("baseline", args.baseline_set)  # a bad override: one line before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
     cost = args.cost or ("speed" if args.target_speedup is not None else "flops")
@@ -93,11 +98,13 @@ def run(args) -> int:
     name, model = build_model(args)
     vae = build_vae(args, model)
     quality = resolve_quality(args.quality, model)
-    space = load_space(args.space, model)
+    space = load_space(args.space, model, baseline.sampler_settings(model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = {"model": name, "weights": model_fingerprint(model), "calibration_samples": args.calibration_samples,
                 "seed": args.seed, "batch_size": args.batch_size, "quality": quality, "cost": cost,
                 "space": space.describe()}
+    if args.baseline_set:
+        settings["baseline_set"] = list(args.baseline_set)
     if cost == "speed":  # measured speed is only comparable on one kind of machine
         settings["device"] = device
     out = Path(args.out)
@@ -106,7 +113,8 @@ def run(args) -> int:
     study_name = args.study_name or f"tune-{name}-{cost}-{quality}-{space.fingerprint()}"
     study = open_study(storage, study_name, settings, args.seed)
 
-    calibration = Calibration(model, name, args.calibration_samples, args.seed, args.batch_size, quality, vae)
+    calibration = Calibration(model, name, args.calibration_samples, args.seed, args.batch_size, quality, vae,
+                              tuple(args.baseline_set))
     log = (lambda *a: None) if args.no_progress else print
     log(f"calibration: baseline on {args.calibration_samples} samples (seed {args.seed}); study {study_name!r} in {storage}")
     calibration.prepare(out)
@@ -126,7 +134,7 @@ def run(args) -> int:
         r["violation"] = budget.violation(r)
     front = rep.pareto(rows)
     chosen = rep.choose(rows, budget) if budget.active else None
-    table = rep.front_table(front, chosen, settings)
+    table = rep.front_table(front, chosen, settings, rows)
     n_done = len(finished(study))
     header = (f"marcache tune: {name}, {n_done} finished trials ({len(rows)} measured), calibration N={args.calibration_samples} "
               f"seed {args.seed}, quality = {quality}, cost = {cost}, {budget.describe()}\n\n")
@@ -152,7 +160,8 @@ def run(args) -> int:
         else:
             seed = args.seed + 1 if args.final_seed is None else args.final_seed
             log(f"final check: FID of trial {chosen['trial']} and the baseline on {args.final_samples} held-out samples (seed {seed})")
-            final = rep.final_check(model, chosen, args.final_samples, seed, args.batch_size, out, vae, args.reference_stats)
+            final = rep.final_check(model, chosen, args.final_samples, seed, args.batch_size, out, vae, args.reference_stats,
+                                    args.baseline_set)
             rep.write_json(out / "final_check.json", dict(final, trial=chosen["trial"]))
     text = rep.policy_yaml(chosen, dict(settings, device=device), budget, final, n_done)
     (out / "policy.yaml").write_text(text)

@@ -55,6 +55,7 @@ class Calibration:
     batch_size: int
     quality: str
     vae: object = None
+    baseline_overrides: tuple = ()  # KEY=VALUE overrides of the baseline policy (``--baseline-set``)
     baseline_images: Optional[np.ndarray] = None
     baseline_images_per_second: Optional[float] = None
     baseline_tflops: Optional[float] = None
@@ -78,7 +79,7 @@ class Calibration:
         from ..evaluation.runner import model_fingerprint
         from ..policy import load_policy
 
-        baseline = load_policy("baseline")
+        baseline = load_policy("baseline", list(self.baseline_overrides))
         self.baseline_tflops = tflops(self.model_name, baseline)
         key = json.dumps({"weights": model_fingerprint(self.model), "n": self.num_samples, "seed": self.seed,
                           "policy": baseline.to_dict()}, sort_keys=True, default=str)
@@ -95,11 +96,15 @@ class Calibration:
 
     def measure(self, policy) -> dict:
         """Fidelity to the baseline, quality drop and speed of ``policy`` on the calibration set."""
-        from ..evaluation.fidelity import compare_images
+        from ..evaluation.fidelity import compare_images, per_image
 
         images, ips = self.generate(policy)
         fidelity = compare_images(images, self.baseline_images)
+        values = per_image(images, self.baseline_images)
+        drops = values["feature_cosine_distance"] if self.quality == "feature" else 1.0 - values["ssim"]
         return {"quality_drop": quality_drop(fidelity, self.quality),
+                # standard error of the mean drop over the calibration images: the spread ties are judged by
+                "quality_drop_se": float(np.std(drops, ddof=1) / np.sqrt(len(drops))),
                 "psnr_mean": fidelity["psnr"]["mean"], "ssim_mean": fidelity["ssim"]["mean"],
                 "feature_distance_mean": (fidelity["feature_cosine_distance"] or {}).get("mean"),
                 "identical_fraction": fidelity["identical_fraction"],

@@ -65,14 +65,19 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def front_table(front: list[dict], chosen: Optional[dict], settings: dict) -> str:
+def front_table(front: list[dict], chosen: Optional[dict], settings: dict, rows: Optional[list] = None) -> str:
+    """The front, plus any measured reference point (a ``reference`` user attribute, e.g. an enqueued
+    shipped policy) marked ``off the front`` when dominated."""
+    on_front = {r["trial"] for r in front}
+    refs = [r for r in rows or [] if r.get("reference") and r["trial"] not in on_front]
     cost = "FLOPs ratio" if settings["cost"] == "flops" else "speedup (measured)"
-    lines = [f"| trial | policy (sampler and plugins) | {cost} | GFLOP/image | quality drop ({settings['quality']}) | "
+    lines = [f"| trial | policy (sampler and plugins) | {cost} | GFLOP/image | quality drop ({settings['quality']}) ± s.e. | "
              f"PSNR mean | SSIM mean | images/s | |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in front:
-        mark = "chosen" if chosen is not None and r["trial"] == chosen["trial"] else ""
+    for r in sorted(front + refs, key=lambda r: r["cost"]):
+        mark = ", ".join(x for x in ("chosen" if chosen is not None and r["trial"] == chosen["trial"] else "",
+                                     r.get("reference", ""), "off the front" if r["trial"] not in on_front else "") if x)
         lines.append(f"| {r['trial']} | {r['label']} | {r['cost']:.2f}x | "
-                     f"{r['tflops_per_image'] * 1e3:.3f} | {r['quality_drop']:.4f} | {r['psnr_mean']:.2f} | "
+                     f"{r['tflops_per_image'] * 1e3:.3f} | {r['quality_drop']:.4f} ± {r.get('quality_drop_se', float('nan')):.4f} | {r['psnr_mean']:.2f} | "
                      f"{r['ssim_mean']:.3f} | {r['images_per_second']:.2f} | {mark} |")
     return "\n".join(lines)
 
@@ -120,13 +125,13 @@ def policy_yaml(chosen: dict, settings: dict, budget, final: Optional[dict], n_t
 
 
 def final_check(model, chosen: dict, num_samples: int, seed: int, batch_size: int, out: Path, vae=None,
-                reference_stats=None) -> dict:
+                reference_stats=None, baseline_set=()) -> dict:
     """FID of the chosen point and of the baseline on held-out seeds (resumable shards under ``out/final``)."""
     from ..evaluation import evaluate
     from ..policy import load_policy, resolve_policy
 
     results = {}
-    for name, policy in (("chosen", resolve_policy(chosen["policy"], source="tuned")), ("baseline", load_policy("baseline"))):
+    for name, policy in (("chosen", resolve_policy(chosen["policy"], source="tuned")), ("baseline", load_policy("baseline", list(baseline_set)))):
         results[name] = evaluate(model, policy, num_samples=num_samples, seed=seed, batch_size=batch_size,
                                  out_dir=str(out / "final" / f"{name}-seed{seed}-n{num_samples}"), vae=vae,
                                  reference_stats=reference_stats)

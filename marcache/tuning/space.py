@@ -12,7 +12,7 @@ ranges, plus ``sampler.num_iter`` in ``[default / 4, default]`` and ``sampler.he
       gtr_order:
       gtr_schedule:
         params: {rates: [4.6, 16.0, 128.0], head_max: {int: [10, 50], log: true}}
-      fts: {always: true}         # always on (its parameters are still tuned)
+      fts: {requires: [gtr_schedule]}   # offered only when gtr_schedule is on
 
 A parameter range is ``{int: [low, high]}``, ``{float: [low, high]}`` (either with ``log: true``) or
 ``{choices: [...]}``; anything else is a fixed value. Ranges are validated like declared ones
@@ -44,6 +44,8 @@ class PluginChoice:
     always: bool = False
     fixed: dict = field(default_factory=dict)
     space: dict = field(default_factory=dict)
+    requires: list = field(default_factory=list)  # plugins listed earlier that must be on for this one
+    conflicts: frozenset = frozenset()  # declared conflicts, both directions
 
 
 @dataclass
@@ -58,10 +60,14 @@ class TuneSpace:
         sampler = dict(self.sampler_fixed)
         for name, param in self.sampler_space.items():
             sampler[name] = suggest(trial, f"sampler.{name}", param)
-        plugins = []
+        plugins, on = [], set()
         for choice in self.plugins:
-            if not choice.always and not trial.suggest_categorical(f"use.{choice.name}", [False, True]):
+            # a plugin whose requirement is off or which conflicts with one already on is not offered
+            # (the trial would only be pruned); a plugin marked always is offered regardless
+            possible = set(choice.requires) <= on and not (choice.conflicts & on)
+            if not choice.always and not (possible and trial.suggest_categorical(f"use.{choice.name}", [False, True])):
                 continue
+            on.add(choice.name)
             params = dict(choice.fixed)
             for name, param in choice.space.items():
                 params[name] = suggest(trial, param.key or f"{choice.name}.{name}", param)
@@ -74,7 +80,8 @@ class TuneSpace:
             return {k: v.describe() + (f" as {v.key}" if v.key else "") for k, v in space.items()}
 
         return {"sampler": ranges(self.sampler_space), "sampler_fixed": self.sampler_fixed,
-                "plugins": [{"name": c.name, "always": c.always, "fixed": c.fixed, "space": ranges(c.space)} for c in self.plugins]}
+                "plugins": [{"name": c.name, "always": c.always, "fixed": c.fixed, "space": ranges(c.space),
+                             "requires": c.requires} for c in self.plugins]}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -123,14 +130,17 @@ def _checked(owner: str, config_cls: type, name: str, param) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def default_sampler_space(model) -> dict:
-    steps = int(model.sampling_defaults.get("num_iter") or 64) if getattr(model, "sampling_defaults", None) else 64
-    head = len(model.diffloss.gen_diffusion.betas)
+def default_sampler_space(settings: dict) -> dict:
+    """``num_iter`` in [steps / 4, steps], ``head_steps`` in [head / 5, head] (log) of the baseline's settings."""
+    steps, head = int(settings.get("num_iter") or 64), int(settings["head_steps"])
     return {"num_iter": Int(max(1, steps // 4), steps), "head_steps": Int(max(2, head // 5), head, log=True)}
 
 
-def load_space(path: Optional[str], model) -> TuneSpace:
-    """The default space (``path`` None) or a space file, validated; one :class:`ConfigError` line if bad."""
+def load_space(path: Optional[str], model, baseline_settings: Optional[dict] = None) -> TuneSpace:
+    """The default space (``path`` None) or a space file, validated; one :class:`ConfigError` line if bad.
+
+    ``baseline_settings``: the baseline's resolved sampler settings (default: the model's), which the
+    default sampler ranges scale from."""
     from ..plugin import available_plugins, get_plugin_class
     from ..policy import SamplerConfig
 
@@ -150,7 +160,11 @@ def load_space(path: Optional[str], model) -> TuneSpace:
 
     sampler_space, sampler_fixed = {}, {}
     if "sampler" not in raw:
-        sampler_space = default_sampler_space(model)
+        if baseline_settings is None:
+            from ..policy import load_policy
+
+            baseline_settings = load_policy("baseline").sampler_settings(model)
+        sampler_space = default_sampler_space(baseline_settings)
     else:
         for name, value in (raw["sampler"] or {}).items():
             where = f"{src}: sampler.{name}"
@@ -182,9 +196,14 @@ def load_space(path: Optional[str], model) -> TuneSpace:
         if cls.builtin:
             raise ConfigError(f"{where}: {name!r} is a built-in and always present; list only additional plugins")
         entry = entry or {}
-        if not isinstance(entry, dict) or set(entry) - {"always", "params"}:
-            raise ConfigError(f"{where}: expected a mapping with the keys always and params (or nothing)")
-        choice = PluginChoice(name, always=bool(entry.get("always", False)))
+        if not isinstance(entry, dict) or set(entry) - {"always", "params", "requires"}:
+            raise ConfigError(f"{where}: expected a mapping with the keys always, requires and params (or nothing)")
+        requires = entry.get("requires") or []
+        if not isinstance(requires, list) or any(r not in entries or list(entries).index(r) >= list(entries).index(name) for r in requires):
+            raise ConfigError(f"{where}.requires: a list of plugins listed before {name!r} in the space, got {requires!r}")
+        conflicts = set(cls.conflicts) | {n for n, c in available_plugins().items() if name in c.conflicts}
+        choice = PluginChoice(name, always=bool(entry.get("always", False)), requires=list(requires),
+                              conflicts=frozenset(conflicts))
         choice.space = dict(cls.search_space or {})
         for pname, value in (entry.get("params") or {}).items():
             param = _parse_range(value, f"{where}.params.{pname}")
