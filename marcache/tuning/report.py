@@ -52,13 +52,13 @@ def closest(study, budget) -> Optional[dict]:
 
 
 def label(raw: dict) -> str:
-    """``num_iter=8 head_steps=25 | gtr_order + fts(beta=0.1)`` from a sampled policy mapping (tuned values only)."""
+    """``num_iter=8 head_steps=25; gtr_order + fts(beta=0.1)`` from a sampled policy mapping (tuned values only)."""
     head = " ".join(f"{k}={_short(v)}" for k, v in raw.get("sampler", {}).items())
     parts = []
     for p in raw.get("plugins", []):
         params = ", ".join(f"{k}={_short(v)}" for k, v in p.get("params", {}).items())
         parts.append(p["name"] + (f"({params})" if params else ""))
-    return (head + " | " if head else "") + (" + ".join(parts) or "no plugin")
+    return (head + "; " if head else "") + (" + ".join(parts) or "no plugin")  # no "|": a Markdown cell
 
 
 def _short(v) -> str:
@@ -76,7 +76,7 @@ def front_table(front: list[dict], chosen: Optional[dict], settings: dict, rows:
     for r in sorted(front + refs, key=lambda r: r["cost"]):
         mark = ", ".join(x for x in ("chosen" if chosen is not None and r["trial"] == chosen["trial"] else "",
                                      r.get("reference", ""), "off the front" if r["trial"] not in on_front else "") if x)
-        lines.append(f"| {r['trial']} | {r['label']} | {r['cost']:.2f}x | "
+        lines.append(f"| {r['trial']} | {r['label'].replace(' | ', '; ')} | {r['cost']:.2f}x | "
                      f"{r['tflops_per_image'] * 1e3:.3f} | {r['quality_drop']:.4f} ± {r.get('quality_drop_se', float('nan')):.4f} | {r['psnr_mean']:.2f} | "
                      f"{r['ssim_mean']:.3f} | {r['images_per_second']:.2f} | {mark} |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,14 +61,21 @@ def storage_for(url: str):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    from sqlalchemy.exc import OperationalError
+
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the file lock
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=30,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
-        raise ConfigError(f"--storage {url}: cannot open ({str(exc).splitlines()[0]})") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=30,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except OperationalError as exc:  # two workers creating a fresh database race on its tables: retry
+            if attempt == 2:
+                raise ConfigError(f"--storage {url}: cannot open ({str(exc).splitlines()[0]})") from None
+            time.sleep(1.0 + attempt)
+        except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
+            raise ConfigError(f"--storage {url}: cannot open ({str(exc).splitlines()[0]})") from None
 
 
 def open_study(storage_url: str, study_name: str, settings: dict, seed: int):
