@@ -152,7 +152,7 @@ def run(args) -> int:
             + (f", speedup {near['speedup']:.2f}x, quality drop {near['quality_drop']:.4f}" if "quality_drop" in near else "")
             + ")")
         raise BudgetNotMet(f"no trial meets {budget.describe()} after {n_done} trials: {where}; "
-                           f"relax the budget or widen --space / --n-trials (front in {out / "pareto.md"})")
+                           f"relax the budget or widen --space / --n-trials (front in {out / 'pareto.md'})")
     final = None
     if args.final_samples:
         if model.num_classes != 10 and args.reference_stats is None:
