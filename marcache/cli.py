@@ -17,7 +17,7 @@ from .errors import ConfigError, MarcacheError
 
 #: modules contributing subcommands: each defines ``add_parser(subparsers)``, which adds its parser
 #: (built with ``parser_class=_Parser`` semantics) and sets ``func`` to a ``run(args) -> int``.
-COMMAND_MODULES: list[str] = ["marcache.flops.command", "marcache.bench.command", "marcache.train", "marcache.evaluation.cli"]
+COMMAND_MODULES: list[str] = ["marcache.flops.command", "marcache.bench.command", "marcache.train", "marcache.evaluation.cli", "marcache.tuning.cli"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true", help="also write trace_XXXXX.png per image (token roles per step)")
     g.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("plugins", help="list the registered plugins and the hooks they implement").set_defaults(func=cmd_plugins)
+    pl = sub.add_parser("plugins", help="list the registered plugins and the hooks they implement")
+    pl.set_defaults(func=cmd_plugins)
+    pl.add_argument("--tunable", action="store_true", help="list only tunable plugins and their declared search spaces (`marcache tune`)")
 
     pol = sub.add_parser("policy", help="validate or show a policy")
     pol.set_defaults(func=cmd_policy)
@@ -158,7 +160,16 @@ def cmd_generate(args) -> int:
 
 def cmd_plugins(args) -> int:
     from .plugin import available_plugins
+    from .search_space import describe_space
 
+    if args.tunable:
+        for name, cls in available_plugins().items():
+            if cls.search_space is not None:
+                kind = "built-in" if cls.builtin else cls.__module__
+                print(f"{name} ({kind})")
+                for line in describe_space(cls) or ["(no parameters: on/off only)"]:
+                    print(f"    {line}")
+        return 0
     for name, cls in available_plugins().items():
         kind = "built-in" if cls.builtin else cls.__module__
         hooks = ", ".join(h for h in cls.implemented_hooks() if h != "marcache_report")

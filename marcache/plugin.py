@@ -5,9 +5,10 @@ and a ``Config`` dataclass holding its parameters (validated by OmegaConf from p
 implementations are methods named after the specs in :mod:`marcache.hookspecs`.
 
 Registration validates everything that can be checked without running (torch-fidelity style):
-identifier name, uniqueness, known families, a dataclass config, and that every ``marcache_*``
-method belongs to a declared family. The manager calls :meth:`pluggy.PluginManager.check_pending`
-after loading, so a misspelled hook name fails loudly at startup.
+identifier name, uniqueness, known families, a dataclass config, that every ``marcache_*``
+method belongs to a declared family, and the declared ``search_space`` (:mod:`marcache.search_space`).
+The manager calls :meth:`pluggy.PluginManager.check_pending` after loading, so a misspelled hook name
+fails loudly at startup.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .hookspecs import hookimpl
+from .search_space import check_search_space
 
 ENTRY_POINT_GROUP = "marcache"
 
@@ -68,6 +70,9 @@ class Plugin:
     builtin: ClassVar[bool] = False
     Config: ClassVar[type] = NoParams
     description: ClassVar[str] = ""
+    #: tunable parameters ({Config field: Int/Float/Categorical}, see marcache.search_space); None: not
+    #: tunable, {}: tunable on/off only
+    search_space: ClassVar[Optional[dict]] = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -110,6 +115,7 @@ def register_plugin(cls: type[Plugin]) -> type[Plugin]:
         if hook in _all_spec_names() and hook not in allowed:
             owners = [f for f, spec in FAMILIES.items() if hook in spec["hooks"]]
             raise PluginError(f"plugin {name!r} implements {hook} but does not declare the family {' or '.join(owners)!r}")
+    check_search_space(cls)
     _REGISTRY[name] = cls
     return cls
 

@@ -18,6 +18,7 @@ from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Float, Int
 
 
 def fts_scores(z: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -51,6 +52,7 @@ class FTS(Plugin):
     name = "fts"
     families = frozenset({"head"})
     Config = FTSConfig
+    search_space = {"beta": Float(0.02, 0.5, log=True), "detail_steps": Int(10, 100, log=True)}
     description = "FTS: top-beta tokens by frequency-weighted spectrum of z get detail_steps head steps"
 
     @hookimpl

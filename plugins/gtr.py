@@ -25,6 +25,7 @@ from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Int
 
 
 def gtr_stages(h: int, w: int, num_stages: int = 3, continue_half: str = "low") -> list[torch.Tensor]:
@@ -76,6 +77,7 @@ class GtROrder(Plugin):
     name = "gtr_order"
     families = frozenset({"order"})
     Config = GtROrderConfig
+    search_space = {}  # on/off; the stage count is the schedule's (its rates list one rate per stage)
     description = "GtR two-stage order: recursive checkerboard bisection into K stages, random within a stage"
 
     @hookimpl
@@ -153,6 +155,8 @@ class GtRSchedule(Plugin):
     name = "gtr_schedule"
     families = frozenset({"schedule", "head"})
     Config = GtRScheduleConfig
+    # the stage-aware head budgets (the rates stay as the policy or the space file fixes them)
+    search_space = {"head_max": Int(10, 100, log=True), "head_min": Int(5, 50, log=True), "head_rec": Int(5, 50, log=True)}
     description = "GtR per-stage tokens per step and stage-aware head steps (50->20 ramp, 20 in reconstruction)"
 
     @hookimpl

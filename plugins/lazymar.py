@@ -39,6 +39,7 @@ from marcache.hookspecs import hookimpl
 from marcache.caching import buffer_and_new_tokens, feature_cache_of, shared_feature_cache
 from marcache.models.partial import CachedPass, TokenSelection
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Int
 
 #: RETAIN_RATIO_SCHEDULE of the released code (64 MAR steps)
 RELEASED_KEEP_RATIOS = [1.0] * 20 + [0.6] + [0.5] * 4 + [0.4] * 5 + [0.15] * 5 + [0.12] * 5 + [0.05] * 24
@@ -91,6 +92,11 @@ class LazyMARTokenCacheConfig(LazyScheduleConfig):
             raise ValueError(f"cache_dtype={self.cache_dtype!r}: one of {', '.join(CACHE_DTYPES)}")
 
 
+#: both caches share step types, so their schedule parameters share one sampled value (``key``)
+LAZY_SCHEDULE_SPACE = {"warmup_steps": Int(1, 16, key="lazymar.warmup_steps"),
+                       "refresh_interval": Int(2, 12, key="lazymar.refresh_interval")}
+
+
 def _check_schedules_agree(policy, plugin) -> None:
     """Token and condition caches share step types (a condition refresh needs a full pass)."""
     others = {p.name: p.params for p in policy.plugins}
@@ -109,6 +115,7 @@ class LazyMARTokenCache(Plugin):
     families = frozenset({"features"})
     conflicts = ("recap",)
     Config = LazyMARTokenCacheConfig
+    search_space = LAZY_SCHEDULE_SPACE
     description = "LazyMAR token cache: incremental encoder K/V, similarity-selected decoder recomputation"
 
     @hookimpl
@@ -172,6 +179,7 @@ class LazyMARCondCache(Plugin):
     families = frozenset({"cfg_reuse"})
     conflicts = ("recap",)
     Config = LazyScheduleConfig
+    search_space = LAZY_SCHEDULE_SPACE
     description = "LazyMAR condition cache: lazy steps run the conditional branch only (uncond = cond + cached diff)"
 
     @hookimpl

@@ -48,6 +48,7 @@ from marcache.hookspecs import hookimpl
 from marcache.models.diffloss import modulate
 from marcache.plans import HEAD_MODULES, require_head_steps
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Float, Int
 
 #: head-step kinds, in the order of their cost
 FULL = "full"
@@ -290,6 +291,7 @@ class LazyMARHead(Plugin):
     name = "lazymar_head"
     families = frozenset({"head"})
     Config = LazyMARHeadConfig
+    search_space = {"refresh_interval": Int(2, 10), "mlp_reuse_threshold": Float(0.5, 1.0)}
     description = "LazyMAR head caches: full head step every 7 of 100 (CFG delta, block 1-4 skip, MLP reuse in between)"
 
     def __init__(self, config: Optional[LazyMARHeadConfig] = None):

@@ -35,6 +35,7 @@ from marcache.models.partial import CachedPass
 from marcache.plans import require_head_steps
 from marcache.plugin import Plugin, register_plugin
 from marcache.plugins.cfg_schedules import linear_cfg_scale
+from marcache.search_space import Int
 
 GROUP_SPLITS = ("raster", "order")
 FINAL_STEP_CFGS = ("release", "schedule")
@@ -90,6 +91,7 @@ class ReCAP(Plugin):
     families = frozenset({"features", "head", "guidance", "order_refine"})
     conflicts = ("lazymar_token_cache", "lazymar_cond_cache")
     Config = ReCAPConfig
+    search_space = {"warmup_steps": Int(1, 32), "local_per_group": Int(1, 4), "local_head_steps": Int(10, 100, log=True)}
     description = "ReCAP: groups of 1 Full-FE + k Local-FEs on the group's tokens with cached context K/V"
 
     @hookimpl

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from marcache.hookspecs import hookimpl
 from marcache.plans import require_head_steps
 from marcache.plugin import Plugin
+from marcache.search_space import Int
 
 
 @dataclass
@@ -35,6 +36,8 @@ class HeadAnneal(Plugin):
     families = frozenset({"head"})  # it refines the head plan
     Config = HeadAnnealConfig
     description = "linear head-step annealing over MAR steps (DiSA)"
+    # tunable by `marcache tune` (checked at registration: both ends must pass HeadAnnealConfig)
+    search_space = {"start": Int(10, 100, log=True), "end": Int(2, 20)}
 
     @hookimpl
     def marcache_head_plan(self, step, plan, z):
