@@ -59,7 +59,7 @@ class Outcome:
 class Case:
     """``build(tmp) -> argv`` creates the inputs under ``tmp`` and returns the CLI arguments.
 
-    ``expect``: ``"refuse"`` (exit 2, one line) or ``"ok"`` (exit 0). ``check(tmp, outcome)`` returns a
+    ``expect``: ``"refuse"`` (exit 2, one line), ``"ok"`` (exit 0) or ``"any"`` (either, but cleanly). ``check(tmp, outcome)`` returns a
     description of what is wrong (or None); ``patch`` is a context manager factory active during the run.
     """
 
@@ -70,6 +70,7 @@ class Case:
     check: Optional[Callable[[Path, Outcome], Optional[str]]] = None
     patch: Optional[Callable[[Path], contextlib.AbstractContextManager]] = None
     timeout: int = 120
+    ignore: tuple = ()  # output files the case damaged on purpose (a refused run must leave them as they are)
     subprocess: bool = False  # run the argv list of lists as concurrent subprocesses (returns merged outcome)
 
 
@@ -124,7 +125,7 @@ def run_subprocesses(argvs: list[list], timeout: int) -> Outcome:
     return merged
 
 
-def half_written(folder: Path) -> Optional[str]:
+def half_written(folder: Path, ignore: tuple = ()) -> Optional[str]:
     """A temporary file, an empty file, an unreadable PNG/JSON/NPZ or JSON with NaN/Infinity under ``folder``."""
     if not folder.exists():
         return None
@@ -133,7 +134,7 @@ def half_written(folder: Path) -> Optional[str]:
     def no_constants(name):
         raise ValueError(f"non-standard JSON constant {name}")
 
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ignore):
         if ".tmp" in path.name or path.suffix == ".partial":
             return f"temporary file left: {path.name}"
         if path.suffix == ".lock":
@@ -162,8 +163,10 @@ def classify(case: Case, tmp: Path, outcome: Outcome) -> tuple[str, str]:
         return "traceback", outcome.error or outcome.stderr.strip().splitlines()[-1]
     lines = [ln for ln in outcome.stderr.splitlines() if ln.strip()]
     problem = case.check(tmp, outcome) if case.check else None
-    problem = problem or half_written(tmp / "out")
-    if case.expect == "refuse":
+    problem = problem or half_written(tmp / "out", case.ignore)
+    if case.expect == "any" and outcome.rc == 0:  # may run (then it must leave valid files) or refuse cleanly
+        return ("silent", problem) if problem else ("clean", "ran")
+    if case.expect in ("refuse", "any"):
         if outcome.rc == 0:
             return "silent", "exit 0 for an input that should be refused" + (f"; {problem}" if problem else "")
         if outcome.rc != 2 or len(lines) != 1 or not lines[0].startswith("marcache: error: "):
@@ -232,7 +235,7 @@ def write(path: Path, text: str | bytes) -> Path:
 # --------------------------------------------------------------------------- the catalogue
 def gen(tmp: Path, *args, out: str | Path | None = None, fast: bool = True) -> list:
     """``marcache generate`` of one MNIST digit into ``tmp/out`` (unless ``out`` says otherwise)."""
-    return ["generate", "--num-images", "1", "--no-progress", "--out", out or tmp / "out", *args, *(FAST if fast else [])]
+    return ["generate", "--num-images", "1", "--no-progress", "--out", tmp / "out" if out is None else out, *args, *(FAST if fast else [])]
 
 
 def policy_file(tmp: Path, text: str, name: str = "p.yaml") -> Path:
@@ -633,7 +636,8 @@ def _resume_case(kind: str, corrupt: Callable[[Path], None], expect: str = "ok")
         shutil.copytree(ref, tmp / "out")
         corrupt(tmp / "out")
         return _eval_argv(tmp)
-    return Case(f"resume-{kind}", "resume", build, expect=expect, check=_same_metrics if expect == "ok" else None)
+    return Case(f"resume-{kind}", "resume", build, expect=expect, check=_same_metrics if expect == "ok" else None,
+                ignore=("manifest.json",) if expect == "refuse" else ())
 
 
 def _npz(folder: Path, index: int = 1) -> Path:
@@ -727,9 +731,43 @@ def concurrency_cases() -> list[Case]:
                  timeout=300)]
 
 
+def runtime_cases() -> list[Case]:
+    """Policies that validate but may be refused by the model at run time: clean either way."""
+    from marcache.policy import list_shipped_policies
+
+    combos = [("num-iter-100", ["sampler.num_iter=100"]), ("num-iter-49", ["sampler.num_iter=49"]),
+              ("float16", ["backend.dtype=float16"]), ("bfloat16", ["backend.dtype=bfloat16"]),
+              ("cuda", ["backend.name=cuda"]), ("device-cuda", ["backend.device=cuda"]),
+              ("constant-cfg", ["sampler.cfg_schedule=constant", "sampler.cfg=3.0"])]
+    cases = []
+    for name in list_shipped_policies():
+        for label, overrides in combos:
+            cases.append(Case(f"runtime-{name}-{label}", "runtime",
+                              lambda t, n=name, o=overrides: gen(t, "--policy", n, *o, fast=False) + ["sampler.head_steps=2"],
+                              expect="any"))
+    texts = {
+        "fts-all-no-gtr": "plugins:\n  - name: fts\n    params: {apply_to: all}\n",
+        "fts-reconstruction-no-gtr": "plugins:\n  - name: fts\n",
+        "lazymar-head-skip-9": "plugins:\n  - name: lazymar_head\n    params: {skip_blocks: [9]}\n",
+        "gtr-steps-50": "plugins:\n  - name: gtr_schedule\n    params: {steps_per_stage: [50, 1, 1]}\n",
+        "gtr-16-stages": "plugins:\n  - name: gtr_order\n    params: {num_stages: 16}\n",
+        "gtr-schedule-16": "plugins:\n  - name: gtr_order\n    params: {num_stages: 16}\n  - name: gtr_schedule\n"
+                           "    params: {num_stages: 16, rates: " + str([1.0] * 16) + "}\n",
+        "lazy-mismatch": "plugins:\n  - name: lazymar_token_cache\n    params: {warmup_steps: 2}\n"
+                         "  - name: lazymar_cond_cache\n    params: {warmup_steps: 3}\n",
+        "recap-gtr": "plugins:\n  - name: gtr_order\n  - name: gtr_schedule\n  - name: recap\n",
+        "constant-disabled": "disable: [constant_cfg]\nsampler: {cfg_schedule: constant, cfg: 2.0}\n",
+        "no-cfg-plugins": "disable: [linear_cfg, constant_cfg]\nsampler: {cfg: 2.0}\n",
+        "recap-local-9": "plugins:\n  - name: recap\n    params: {local_per_group: 9, warmup_steps: 0}\n",
+    }
+    cases += [Case(f"runtime-{k}", "runtime", lambda t, v=v: gen(t, "--policy", policy_file(t, v), fast=False)
+                   + ["sampler.head_steps=2"], expect="any") for k, v in texts.items()]
+    return cases
+
+
 def all_cases() -> list[Case]:
     return (weights_cases() + settings_cases() + plugin_param_cases() + policy_cases() + checkpoint_cases()
-            + argument_cases() + output_cases() + resume_cases() + concurrency_cases())
+            + argument_cases() + output_cases() + resume_cases() + concurrency_cases() + runtime_cases())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
