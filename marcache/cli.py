@@ -96,7 +96,23 @@ def build_model(args):
         if not fits:
             raise ConfigError(f"{args.checkpoint}: its shapes fit no registered model; pass --model")
         name = fits[0]
+    _check_vae_given(name, getattr(args, "vae", None))
     return name, load_mar(name, args.checkpoint, weights=args.weights)
+
+
+def _check_vae_given(name: str, vae: Optional[str]) -> None:
+    """A latent model without --vae is refused before its weights are built (seconds for mar_base)."""
+    from .models.registry import model_config
+
+    try:
+        stride = model_config(name).get("vae_stride", 16)  # MAR's default stride: a latent model
+    except KeyError:
+        return  # load_mar names the unknown model
+    if vae is None and stride > 1:
+        raise ConfigError(VAE_NEEDED)
+
+
+VAE_NEEDED = "this model produces KL-16 latents: pass --vae kl16.ckpt (or --vae random for shape checks)"
 
 
 def build_vae(args, model):
@@ -106,7 +122,7 @@ def build_vae(args, model):
     if not uses_vae(model):
         return None
     if args.vae is None:
-        raise ConfigError("this model produces KL-16 latents: pass --vae kl16.ckpt (or --vae random for shape checks)")
+        raise ConfigError(VAE_NEEDED)
     return load_vae(None if args.vae == "random" else args.vae)
 
 

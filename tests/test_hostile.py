@@ -1,7 +1,8 @@
 """Hostile and careless input, per class: refusals exit 2 with exactly one line, no traceback and nothing
 half-written; resumed evals after each corruption give the metrics of an uninterrupted run.
 
-The cases come from ``tests/hostile.py`` (whose ``main`` runs the whole catalogue and prints the totals);
+The cases come from ``tests/hostile_inputs.py`` and ``tests/hostile_outputs.py``; ``tests/hostile.py`` runs
+and classifies them (``python tests/hostile.py`` runs the whole catalogue and prints the totals);
 here a subset of every class runs, chosen to cover each distinct guard while keeping the suite fast.
 """
 
@@ -15,11 +16,18 @@ import pytest
 import torch
 
 import hostile
+from hostile_inputs import _Evil
 from marcache.errors import CheckpointError, MarcacheError
 from marcache.evaluation import sharded
 from marcache.loading import read_state_dict
 
 CASES = {c.id: c for c in hostile.all_cases()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _imports_done():
+    """Lazy imports done before any case runs under its alarm (see hostile.warm_up)."""
+    hostile.warm_up()
 
 #: per class, the cases run by the test suite (the script runs all of them)
 SELECTED = {
@@ -108,7 +116,7 @@ def test_odd_checkpoint_entries_are_one_line(tmp_path, entry):
 
 def test_pickle_refusal_says_what_and_what_to_do(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"model_ema": hostile._Evil(tmp_path / "pwned")}, path)
+    torch.save({"model_ema": _Evil(tmp_path / "pwned")}, path)
     with pytest.raises(CheckpointError) as info:
         read_state_dict(path)
     message = str(info.value)

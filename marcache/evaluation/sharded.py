@@ -125,9 +125,9 @@ def read_manifest(out_dir: Path) -> Optional[dict]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path}: not a readable marcache manifest ({type(exc).__name__}); {fix}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("description"), dict) \
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("description", {}), dict) \
             or not isinstance(manifest.get("shards", {}), dict):
-        raise ConfigError(f"{path}: not a marcache manifest (no description mapping); {fix}")
+        raise ConfigError(f"{path}: not a marcache manifest (its description or shards are not mappings); {fix}")
     return manifest
 
 
@@ -147,7 +147,7 @@ def prepare_manifest(out_dir: Path, description: dict, info: DistInfo) -> dict:
     if info.is_main:
         old = read_manifest(out_dir)
         if old is not None:
-            old_desc = old["description"]
+            old_desc = old.get("description", {})
             new_desc = json.loads(json.dumps(description, default=str))
             diff = sorted(k for k in set(old_desc) | set(new_desc) if old_desc.get(k) != new_desc.get(k))
             if diff:
@@ -296,6 +296,8 @@ def collect(out_dir: str | os.PathLike, num_samples: int, shard_size: int) -> di
     for k, (lo, hi) in enumerate(shard_ranges(num_samples, shard_size)):
         path = shard_path(out_dir, k)
         problem, shard = inspect_shard(out_dir, k, lo, hi)
+        if problem == "missing":
+            raise MarcacheError(f"{out_dir}: shard {k} is missing; rerun the same command to resume")
         if problem is not None:
             raise MarcacheError(f"{path}: {problem}; rerun the same command to regenerate it")
         parts.append(shard)
