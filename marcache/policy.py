@@ -251,19 +251,22 @@ def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[
 
 
 def plugin_config(cls: type[Plugin], params: dict, where: str) -> Any:
-    """Validate ``params`` against ``cls.Config`` (unknown keys, types, ranges)."""
+    """Validate ``params`` against ``cls.Config`` (unknown keys, types, non-finite floats, ranges)."""
     try:
         node = OmegaConf.merge(OmegaConf.structured(cls.Config), params)
-        check_finite_fields(OmegaConf.to_container(node), where)  # before __post_init__ compares NaNs
+        values = OmegaConf.to_container(node)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}.{_fmt(exc)}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    # non-finite floats are refused before __post_init__ compares them (NaN passes `x <= 0` checks)
+    check_finite_fields(values, where)
+    try:
         return OmegaConf.to_object(node)
     except _FieldError as exc:
         raise ConfigError(f"{where}.{exc}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}.{_fmt(exc)}") from None
-    except ConfigError as exc:
-        if str(exc).startswith(where):
-            raise
-        raise ConfigError(f"{where}: {exc}") from None
     except (TypeError, ValueError, OverflowError, MarcacheError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
