@@ -231,7 +231,7 @@ def concurrency_cases() -> list[Case]:
         return _same_metrics(tmp, Outcome(0, json.dumps(results[0]), "")) or _same_metrics(tmp, Outcome(0, json.dumps(results[1]), ""))
 
     return [Case("concurrent-identical-evals", "concurrency", two_evals, expect="ok", check=check, subprocess=True,
-                 timeout=300)]
+                 timeout=900)]  # two processes importing torch on a shared 2-core machine
 
 
 def runtime_cases() -> list[Case]:
