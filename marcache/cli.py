@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -98,7 +97,23 @@ def build_model(args):
         if not fits:
             raise ConfigError(f"{args.checkpoint}: its shapes fit no registered model; pass --model")
         name = fits[0]
+    _check_vae_given(name, getattr(args, "vae", None))
     return name, load_mar(name, args.checkpoint, weights=args.weights)
+
+
+def _check_vae_given(name: str, vae: Optional[str]) -> None:
+    """A latent model without --vae is refused before its weights are built (seconds for mar_base)."""
+    from .models.registry import model_config
+
+    try:
+        stride = model_config(name).get("vae_stride", 16)  # MAR's default stride: a latent model
+    except KeyError:
+        return  # load_mar names the unknown model
+    if vae is None and stride > 1:
+        raise ConfigError(VAE_NEEDED)
+
+
+VAE_NEEDED = "this model produces KL-16 latents: pass --vae kl16.ckpt (or --vae random for shape checks)"
 
 
 def build_vae(args, model):
@@ -108,7 +123,7 @@ def build_vae(args, model):
     if not uses_vae(model):
         return None
     if args.vae is None:
-        raise ConfigError("this model produces KL-16 latents: pass --vae kl16.ckpt (or --vae random for shape checks)")
+        raise ConfigError(VAE_NEEDED)
     return load_vae(None if args.vae == "random" else args.vae)
 
 
@@ -118,6 +133,11 @@ def parse_labels(text: Optional[str], num_images: Optional[int], num_classes: in
             labels = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
         except ValueError:
             raise ConfigError(f"--labels {text!r}: expected comma-separated integers, e.g. --labels 1,7,9") from None
+        if not labels:
+            raise ConfigError(f"--labels {text!r}: no class id given, e.g. --labels 1,7,9")
+        bad = next((x for x in labels if not 0 <= x < num_classes), None)
+        if bad is not None:
+            raise ConfigError(f"--labels: class id {bad} is not in [0, {num_classes - 1}]")
         if num_images is not None and len(labels) == 1:
             labels = labels * num_images
         return labels
@@ -126,14 +146,24 @@ def parse_labels(text: Optional[str], num_images: Optional[int], num_classes: in
 
 
 def cmd_generate(args) -> int:
+    from .fileio import check_output_dir, output_errors, write_json_atomic
+    from .safety import check_image_count
     from .images import save_grid, save_pngs, to_uint8, tokens_to_images
     from .policy import load_policy
     from .scheduler import Sampler
     from .plugins.trace import TraceRecorder
 
     policy = load_policy(args.policy, args.overrides)
+    out = check_output_dir(args.out)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.num_images is not None and args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images}: must be >= 1")
     name, model = build_model(args)
     vae = build_vae(args, model)
+    check_image_count(model, args.num_images, "--num-images", out,
+                      "generate fewer images per run (several runs with different --seed) or use `marcache eval "
+                      "--generate-only`, which streams shards to disk")
     labels = parse_labels(args.labels, args.num_images, model.num_classes)
     tracer = TraceRecorder() if args.trace else None
     sampler = Sampler(model, policy, extra_plugins=[tracer] if tracer else [])
@@ -141,20 +171,21 @@ def cmd_generate(args) -> int:
                               batch_size=args.batch_size, progress=not args.no_progress)
     images = to_uint8(tokens_to_images(model, result.tokens, vae))
 
-    out = Path(args.out)
     names = [f"{i:05d}_class{lab}.png" for i, lab in zip(result.sample_ids.tolist(), labels)]
-    save_pngs(images, out, names)
-    save_grid(images, out / "grid.png")
-    if tracer:
-        for sid in result.sample_ids.tolist():
-            tracer.render(sid, (model.seq_h, model.seq_w), out / f"trace_{sid:05d}.png")
     report = dict(result.report, model=name, checkpoint=args.checkpoint, seed=args.seed, labels=labels,
                   batch_size=args.batch_size, images=names)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    with output_errors(out):  # each file complete or absent; a full disk is one line
+        save_pngs(images, out, names)
+        save_grid(images, out / "grid.png")
+        if tracer:
+            for sid in result.sample_ids.tolist():
+                tracer.render(sid, (model.seq_h, model.seq_w), out / f"trace_{sid:05d}.png")
+        write_json_atomic(out / "report.json", report)
     hits = report["cache_hits"]["decoder"]
     cached = f", {hits['hit_rate']:.1%} of decoder outputs from the feature cache" if hits["from_cache"] else ""
+    speed = report.get("images_per_second")
     print(f"wrote {len(names)} images, grid.png and report.json to {out} "
-          f"({report['images_per_second']:.2f} images/s, policy {policy.config.name}{cached})")
+          f"({f'{speed:.2f}' if speed else '?'} images/s, policy {policy.config.name}{cached})")
     return 0
 
 

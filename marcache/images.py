@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError
+from .fileio import write_image_atomic
 
 
 def uses_vae(model) -> bool:
@@ -43,12 +44,11 @@ def _pil(array: np.ndarray) -> Image.Image:
 
 
 def save_pngs(images: np.ndarray, out_dir: Path, names: list[str]) -> list[Path]:
+    """One PNG per image, each written atomically (a temporary name, then a rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for array, name in zip(images, names):
-        path = out_dir / name
-        _pil(array).save(path)
-        paths.append(path)
+        paths.append(write_image_atomic(out_dir / name, _pil(array)))
     return paths
 
 
@@ -66,5 +66,4 @@ def make_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2) -> 
 
 def save_grid(images: np.ndarray, path: Path, ncols: Optional[int] = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _pil(make_grid(images, ncols)).save(path)
-    return path
+    return write_image_atomic(path, _pil(make_grid(images, ncols)))

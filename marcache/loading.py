@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -21,8 +23,20 @@ import torch
 from .errors import CheckpointError
 from .models.mar import MAR
 from .models.registry import create_model, list_models, meta_model, model_config
+from .safety import check_weights
 
 WEIGHT_ENTRIES = ("model_ema", "model")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _refused_global(exc: BaseException) -> str:
+    """The Python object a weights_only unpickler refused (``posix.system``, ``__main__.Evil``), if named."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"global[: ]+([\w.]+)", str(exc), re.IGNORECASE)
+    return match.group(1) if match else "a non-tensor object"
 
 
 def read_state_dict(path: str | os.PathLike, weights: str = "model_ema", kind: str = "MAR") -> dict[str, torch.Tensor]:
@@ -31,24 +45,24 @@ def read_state_dict(path: str | os.PathLike, weights: str = "model_ema", kind: s
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file; pass the path of a {kind} checkpoint (.pth, .ckpt or .safetensors)")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes: every parse failure is the file's fault
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: refused to unpickle a non-tensor object ({first[:160]}); only tensors, plain containers "
-            f"and argparse.Namespace are loaded (weights_only=True): re-save the weights as a state dict or .safetensors"
+            f"{path}: refused to load {_refused_global(exc)} from its pickle: marcache loads only tensors and plain "
+            f"containers (weights_only=True), never code; if you trust the file, convert it to .safetensors "
+            f"(docs/models.md), and for an official checkpoint choose its entry with --weights model_ema or model"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, legacy formats, struct errors: all unreadable files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict or a dict with 'model'/'model_ema', got {type(obj).__name__}")
     if any(k in obj for k in WEIGHT_ENTRIES):
@@ -56,9 +70,14 @@ def read_state_dict(path: str | os.PathLike, weights: str = "model_ema", kind: s
             present = [k for k in WEIGHT_ENTRIES if k in obj]
             raise CheckpointError(f"{path}: has no '{weights}' entry (it has {present}); choose --weights {present[0]}")
         obj = obj[weights]
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: entry '{weights}' is a {type(obj).__name__}, not a state dict "
+                                  f"(parameter name -> tensor): not a {kind} checkpoint")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor: not a {kind} state dict")
+        what = f"key {bad[0]!r} is a {type(bad[0]).__name__}" if not isinstance(bad[0], str) else \
+            f"entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor"
+        raise CheckpointError(f"{path}: {what}: not a {kind} state dict")
     return dict(obj)
 
 
@@ -121,6 +140,7 @@ def load_mar(
         with torch.device("meta"):
             model = create_model(name_or_kwargs)
         check_state_dict(model, state, os.fspath(checkpoint))
+        check_weights(state, model.state_dict(), os.fspath(checkpoint))
         model = model.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
         _rebuild_tables(model)
@@ -148,6 +168,7 @@ def load_vae(checkpoint: Optional[str | os.PathLike] = None, device: str | torch
     with torch.device("meta"):
         vae = AutoencoderKL()
     check_state_dict(vae, state, os.fspath(checkpoint), describe_fits=False)
+    check_weights(state, vae.state_dict(), os.fspath(checkpoint))
     vae = vae.to_empty(device="cpu")
     vae.load_state_dict(state, strict=True)
     return vae.to(device).eval()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,12 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError, MarcacheError, PluginError
 from .plans import HEAD_STEPS_MAX, HEAD_STEPS_MIN
 from .plugin import Plugin, available_plugins, builtin_plugin_names, get_plugin_class
+from .safety import check_finite_fields, refuse_resolvers
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: documented bounds of the float sampler settings (published MAR settings: cfg <= ~4, temperature ~1)
+MAX_CFG = 100.0
+MAX_TEMPERATURE = 10.0
 
 
 @dataclass
@@ -50,8 +55,11 @@ class SamplerConfig:
 
     def __post_init__(self):
         _check(self.num_iter is None or self.num_iter >= 1, "sampler.num_iter", "must be >= 1")
-        _check(self.cfg is None or self.cfg >= 1.0, "sampler.cfg", "must be >= 1.0 (1.0 disables guidance)")
-        _check(self.temperature is None or self.temperature > 0, "sampler.temperature", "must be > 0")
+        # finite and bounded (docs/safety.md): inf/NaN/1e308 would write noise and Infinity into report.json
+        _check(self.cfg is None or (math.isfinite(self.cfg) and 1.0 <= self.cfg <= MAX_CFG), "sampler.cfg",
+               f"must be in [1, {MAX_CFG:g}] (1.0 disables guidance), got {self.cfg}")
+        _check(self.temperature is None or (math.isfinite(self.temperature) and 0 < self.temperature <= MAX_TEMPERATURE),
+               "sampler.temperature", f"must be in (0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         _check(self.head_steps is None or HEAD_STEPS_MIN <= self.head_steps <= HEAD_STEPS_MAX, "sampler.head_steps",
                f"must be in [{HEAD_STEPS_MIN}, {HEAD_STEPS_MAX}] or null (see marcache.plans.HEAD_STEPS_MIN)")
 
@@ -178,13 +186,37 @@ def load_policy(name_or_path: str | os.PathLike | None = "baseline", overrides: 
     return resolve_policy(raw, src, overrides)
 
 
+def _check_shape(raw: Any, source: str) -> None:
+    """Container shapes OmegaConf's merge would fail on with a TypeError: say which key, and what it needs."""
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    if plugins is None:
+        return
+    if not isinstance(plugins, list):
+        raise ConfigError(f"{source}: plugins: must be a list of {{name: ..., params: {{...}}}} entries, "
+                          f"got a {type(plugins).__name__}")
+    for i, spec in enumerate(plugins):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}: plugins[{i}]: must be a mapping {{name: ..., params: {{...}}}}, got {spec!r:.60}")
+        params = spec.get("params", {})
+        if not isinstance(params, dict):
+            got = "null" if params is None else f"a {type(params).__name__}"
+            raise ConfigError(f"{source}: plugins[{i}].params: must be a mapping of parameter: value "
+                              f"(e.g. {{num_stages: 3}}; omit it for the defaults), got {got}")
+
+
 def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[str]] = None) -> ResolvedPolicy:
     """Validate a raw mapping (dict or DictConfig) as a policy."""
     schema = OmegaConf.structured(PolicyConfig)
+    plain = OmegaConf.to_container(raw, resolve=False) if OmegaConf.is_config(raw) else raw
+    refuse_resolvers(plain, source)
+    _check_shape(plain, source)
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {_fmt(exc)}") from None
+    except (TypeError, ValueError) as exc:  # container-type clashes not caught by _check_shape
+        raise ConfigError(f"{source}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; "
+                          f"see the policy format in docs/plugins.md") from None
     plugin_overrides = _apply_overrides(cfg, overrides or [], source)
     try:
         policy: PolicyConfig = OmegaConf.to_object(cfg)
@@ -199,6 +231,9 @@ def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[
             raise ConfigError(f"{source}: disable: {name!r} is not a built-in plugin (built-ins: {', '.join(n for n, c in known.items() if c.builtin)})")
     resolved = ResolvedPolicy(policy, source)
     listed = [spec.name for spec in policy.plugins]
+    twice = next((name for i, name in enumerate(listed) if name in listed[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{source}: plugins: {twice!r} is listed twice; list each plugin once (merge their params)")
     for name in plugin_overrides:
         if name not in listed:
             raise ConfigError(f"{source}: override for plugin {name!r}, which the policy does not list (listed: {', '.join(listed) or 'none'})")
@@ -209,22 +244,30 @@ def resolve_policy(raw: Any, source: str = "<policy>", overrides: Optional[list[
             raise ConfigError(f"{source}: plugins[{i}].name: {exc}") from None
         if cls.builtin:
             raise ConfigError(f"{source}: plugins[{i}]: {spec.name!r} is a built-in and always present; list only additional plugins")
-        params = dict(spec.params) | plugin_overrides.get(spec.name, {})
+        params = dict(spec.params or {}) | plugin_overrides.get(spec.name, {})
         spec.params = params  # the policy (reports, cross-plugin checks) shows the overridden values
         resolved.plugin_configs.append((cls, plugin_config(cls, params, f"{source}: plugins[{i}].params")))
     return resolved
 
 
 def plugin_config(cls: type[Plugin], params: dict, where: str) -> Any:
-    """Validate ``params`` against ``cls.Config`` (unknown keys, types, ranges)."""
+    """Validate ``params`` against ``cls.Config`` (unknown keys, types, non-finite floats, ranges)."""
     try:
         node = OmegaConf.merge(OmegaConf.structured(cls.Config), params)
+        values = OmegaConf.to_container(node)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}.{_fmt(exc)}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    # non-finite floats are refused before __post_init__ compares them (NaN passes `x <= 0` checks)
+    check_finite_fields(values, where)
+    try:
         return OmegaConf.to_object(node)
     except _FieldError as exc:
         raise ConfigError(f"{where}.{exc}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}.{_fmt(exc)}") from None
-    except (TypeError, ValueError, MarcacheError) as exc:
+    except (TypeError, ValueError, OverflowError, MarcacheError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -235,6 +278,7 @@ def _apply_overrides(cfg, overrides: list[str], source: str) -> dict[str, dict]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. sampler.num_iter=32")
         key, value = item.split("=", 1)
+        refuse_resolvers(value, f"override {item!r}")
         head = key.split(".", 1)[0]
         if head in ("sampler", "backend", "name", "description"):
             try:

@@ -14,6 +14,7 @@ constant_cfg        guidance    ``cfg`` at every step, cfg_schedule=constant
 full_recompute      features    encoder + decoder recomputed from scratch, both CFG branches
 ddpm_head           head        every token sampled with the full N-step DDPM chain
 flop_counter        accounting  the FLOPs of what ran, in every report
+finite_check        accounting  refuses a batch whose tokens are not all finite (policy + step named)
 ==================  ==========  ===============================================================
 
 A policy can drop one with ``disable: [name]`` and replace it with its own. The others are listed

@@ -28,6 +28,12 @@ from marcache.plugin import Plugin, register_plugin
 from marcache.search_space import Int
 
 
+#: stage k bisects by (r + c) mod 2^k: 16 stages already split a 2^15-wide diagonal (any real grid is smaller)
+MAX_STAGES = 16
+#: tokens per step cannot exceed the tokens of a 256 x 256 grid
+MAX_RATE = 65536
+
+
 def gtr_stages(h: int, w: int, num_stages: int = 3, continue_half: str = "low") -> list[torch.Tensor]:
     """Positions (raster indices) of stages S_1..S_K of an ``h x w`` grid, by recursive bisection."""
     if num_stages < 1:
@@ -64,8 +70,8 @@ class GtROrderConfig:
     continue_half: str = "low"  # which half of each split keeps being bisected ("low": S_1 = (r+c) mod 2^(K-1) == 0)
 
     def __post_init__(self):
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages}: must be >= 1")
+        if not 1 <= self.num_stages <= MAX_STAGES:
+            raise ValueError(f"num_stages={self.num_stages}: must be in [1, {MAX_STAGES}]")
         if self.continue_half not in ("low", "high"):
             raise ValueError(f"continue_half={self.continue_half!r}: must be 'low' or 'high'")
 
@@ -112,8 +118,10 @@ class GtRScheduleConfig:
             raise ValueError(f"steps_per_stage={list(self.steps_per_stage)}: needs one count per stage ({self.num_stages})")
         if any(s < 1 for s in self.steps_per_stage):
             raise ValueError("steps_per_stage: every stage needs >= 1 step")
-        if not self.steps_per_stage and (len(self.rates) != self.num_stages or any(r <= 0 for r in self.rates)):
-            raise ValueError(f"rates={list(self.rates)}: needs one positive rate per stage ({self.num_stages})")
+        if not self.steps_per_stage and (len(self.rates) != self.num_stages
+                                         or not all(0 < r <= MAX_RATE for r in self.rates)):
+            raise ValueError(f"rates={list(self.rates)}: needs one rate in (0, {MAX_RATE}] tokens per step per stage "
+                             f"({self.num_stages})")
         for key in ("head_max", "head_min", "head_rec"):
             require_head_steps(key, getattr(self, key))
 

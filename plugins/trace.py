@@ -120,5 +120,7 @@ class TraceRecorder(Plugin):
                 if known[pos] and cell >= 3:
                     draw.point((x0 + cell // 2, y0 + cell // 2), fill=(0, 0, 0))
         path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
+        from marcache.fileio import write_image_atomic
+
+        write_image_atomic(path, img)
         return path

@@ -9,30 +9,42 @@ not change the images.
 
 Layout of ``out_dir``::
 
-    manifest.json            run description (model, policy, seed, N, shard size, image shape) — checked on resume
+    manifest.json            run description (model, policy, seed, N, shard size) — checked on resume —
+                             and the SHA-256 of every finished shard
     shard-00000.npz          images uint8 [n, H, W, C], labels, sample_ids, seconds (written atomically)
+    .shard-00000.lock        held while a process generates that shard
     ...
 
-A shard file exists only once complete (``.tmp`` + ``os.replace``), so a killed run resumes by
-generating exactly the missing shards: nothing is lost or duplicated. :func:`collect` reads the
-shards back in sample order and checks that every id ``0..N-1`` is present exactly once.
+A shard file exists only once complete (temporary name + ``os.replace``), so a killed run resumes by
+generating exactly the missing shards: nothing is lost or duplicated. On resume every shard is checked
+against its digest and its content (ids, labels, image count and dtype); a shard that fails (truncated,
+garbage, altered, or written by a run killed before it recorded the digest) is treated as missing and
+regenerated, with one line on stderr. Each shard is generated under a file lock, so two identical evals
+on one folder share the work instead of both generating everything. :func:`collect` reads the shards
+back in sample order and checks that every id ``0..N-1`` is present exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from ..errors import ConfigError, MarcacheError
+from ..fileio import remove_stale_tmp, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
+SHARD_KEYS = ("images", "labels", "sample_ids", "seconds", "flops_per_image")
 
 
 @dataclass
@@ -94,15 +106,38 @@ def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard-{index:05d}.npz"
 
 
-def _read_shard(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _lock(out_dir: Path, name: str) -> FileLock:
+    return FileLock(str(out_dir / f".{name}.lock"))
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def note(message: str) -> None:
+    """One line on stderr about something marcache repaired on its own (a regenerated shard)."""
+    print(f"marcache: note: {message}", file=sys.stderr, flush=True)
+
+
+def read_manifest(out_dir: Path) -> Optional[dict]:
+    """The manifest of ``out_dir`` (None when absent); a damaged one is one line with the fix."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    fix = f"delete {path} to regenerate every shard of this folder, or use another --out"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable marcache manifest ({type(exc).__name__}); {fix}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("description", {}), dict) \
+            or not isinstance(manifest.get("shards", {}), dict):
+        raise ConfigError(f"{path}: not a marcache manifest (its description or shards are not mappings); {fix}")
+    return manifest
+
+
+def _update_manifest(out_dir: Path, **changes) -> None:
+    """Read-modify-write of the manifest under its lock (ranks and concurrent evals record digests)."""
+    with _lock(out_dir, MANIFEST):
+        manifest = read_manifest(out_dir) or {}
+        shards = dict(manifest.get("shards", {}), **changes.pop("shards", {}))
+        manifest.update(changes, shards=shards)
+        write_json_atomic(out_dir / MANIFEST, manifest, sort_keys=True)
 
 
 def prepare_manifest(out_dir: Path, description: dict, info: DistInfo) -> dict:
@@ -110,29 +145,81 @@ def prepare_manifest(out_dir: Path, description: dict, info: DistInfo) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST
     if info.is_main:
-        if path.is_file():
-            old = json.loads(path.read_text())
+        old = read_manifest(out_dir)
+        if old is not None:
             old_desc = old.get("description", {})
-            diff = sorted(k for k in set(old_desc) | set(description) if old_desc.get(k) != description.get(k))
+            new_desc = json.loads(json.dumps(description, default=str))
+            diff = sorted(k for k in set(old_desc) | set(new_desc) if old_desc.get(k) != new_desc.get(k))
             if diff:
                 raise ConfigError(f"{out_dir}: holds samples of a different run (differs in {', '.join(diff)}); "
                                   f"use another --out or delete it")
         else:
-            _write_json_atomic(path, {"description": description, "complete": False})
+            with _lock(out_dir, MANIFEST):
+                write_json_atomic(path, {"description": description, "complete": False, "shards": {}}, sort_keys=True)
     barrier(info)
     if not info.is_main:
-        old = json.loads(path.read_text())
+        old = read_manifest(out_dir) or {}
         if old.get("description") != json.loads(json.dumps(description, default=str)):
             raise ConfigError(f"{out_dir}: manifest does not match this run")
     return description
 
 
+def shard_problem(out_dir: Path, index: int, lo: int, hi: int, num_classes: Optional[int] = None) -> Optional[str]:
+    """Why shard ``index`` (samples ``lo..hi-1``) cannot be used, or None when it is complete and intact:
+    missing, no/different digest in the manifest, unreadable, or inconsistent content."""
+    return inspect_shard(out_dir, index, lo, hi, num_classes)[0]
+
+
+def inspect_shard(out_dir: Path, index: int, lo: int, hi: int, num_classes: Optional[int] = None) -> tuple:
+    """``(problem or None, shard arrays or None)``: see :func:`shard_problem`."""
+    path = shard_path(out_dir, index)
+    if not path.exists():
+        return "missing", None
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a shard file; remove it and rerun")
+    digest = ((read_manifest(out_dir) or {}).get("shards") or {}).get(str(index))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})", None
+    if digest is None:
+        return "has no digest in the manifest (written by an interrupted or older run)", None
+    if hashlib.sha256(data).hexdigest() != digest:
+        return "does not match the digest recorded in the manifest (altered or damaged)", None
+    try:
+        shard = _load_npz(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of the bytes means an unusable shard
+        return f"unreadable ({type(exc).__name__})", None
+    problem = _content_problem(shard, lo, hi, num_classes)
+    return problem, (None if problem else shard)
+
+
+def _load_npz(data: bytes) -> dict:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _content_problem(shard: dict, lo: int, hi: int, num_classes: Optional[int]) -> Optional[str]:
+    missing = [k for k in SHARD_KEYS if k not in shard]
+    if missing:
+        return f"lacks {missing[0]!r}"
+    images, ids = shard["images"], shard["sample_ids"]
+    if not np.array_equal(ids, np.arange(lo, hi)):
+        return f"holds samples other than {lo}..{hi - 1}"
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != hi - lo:
+        return f"holds {len(images)} {images.dtype} images of shape {images.shape[1:]} for {hi - lo} ids"
+    if num_classes is not None and not np.array_equal(shard["labels"], np.arange(lo, hi) % num_classes):
+        return "holds labels other than i % num_classes"
+    return None
+
+
 def generate_shards(sampler, out_dir: str | os.PathLike, num_samples: int, seed: int, shard_size: int,
                     batch_size: int, info: Optional[DistInfo] = None, to_uint8: Optional[Callable] = None,
                     progress: bool = False, after_shard: Optional[Callable[[int], None]] = None) -> dict:
-    """Generate this rank's missing shards with ``sampler`` (a :class:`marcache.scheduler.Sampler`).
+    """Generate this rank's missing (or unusable) shards with ``sampler`` (a :class:`marcache.scheduler.Sampler`).
 
     Returns ``{"generated": [shard indices], "skipped": [...], "seconds": s, "images": n}`` for this rank.
+    A shard whose lock another process holds is left to it and checked after that process releases it.
     ``after_shard`` is called with each finished shard index (tests use it to simulate a kill).
     """
     from tqdm.auto import tqdm
@@ -144,31 +231,56 @@ def generate_shards(sampler, out_dir: str | os.PathLike, num_samples: int, seed:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = sampler.model
     convert = to_uint8 or (lambda tokens: _to_uint8(tokens_to_images(model, tokens)))
-    mine = [k for k, _ in enumerate(shard_ranges(num_samples, shard_size)) if k % info.world_size == info.rank]
     ranges = shard_ranges(num_samples, shard_size)
-    todo = [k for k in mine if not shard_path(out_dir, k).is_file()]
-    stats = {"generated": [], "skipped": [k for k in mine if k not in todo], "seconds": 0.0, "images": 0}
-    bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in todo), desc=f"rank {info.rank} samples",
+    mine = [k for k in range(len(ranges)) if k % info.world_size == info.rank]
+    stats = {"generated": [], "skipped": [], "seconds": 0.0, "images": 0}
+    bar = tqdm(total=sum(ranges[k][1] - ranges[k][0] for k in mine), desc=f"rank {info.rank} samples",
                disable=not progress, leave=False, dynamic_ncols=True)
-    for k in todo:
+
+    def produce(k: int) -> None:  # called with shard k's lock held
         lo, hi = ranges[k]
+        remove_stale_tmp(out_dir, f"shard-{k:05d}.tmp*.npz")  # older runs' temporary names
+        remove_stale_tmp(out_dir, f".shard-{k:05d}.npz.tmp*")
+        problem = shard_problem(out_dir, k, lo, hi, model.num_classes)
+        if problem is None:
+            stats["skipped"].append(k)
+            bar.update(hi - lo)
+            return
+        if problem != "missing":
+            note(f"{shard_path(out_dir, k)} {problem}: regenerating it")
         labels = eval_labels(hi - lo, model.num_classes, lo)
         result = sampler.generate(labels=labels, num_images=hi - lo, seed=seed, batch_size=batch_size, sample_offset=lo)
-        images = convert(result.tokens)
         report = result.report
         flops = (report.get("engagement") or {}).get("flops") or report.get("flops") or {}
-        path = shard_path(out_dir, k)
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, images=images, labels=np.asarray(labels, dtype=np.int64),
+        buf = io.BytesIO()
+        np.savez(buf, images=convert(result.tokens), labels=np.asarray(labels, dtype=np.int64),
                  sample_ids=result.sample_ids.numpy().astype(np.int64), seconds=np.float64(report["seconds"]),
                  flops_per_image=np.float64(flops.get("flops_per_image", np.nan)))
-        os.replace(tmp, path)
+        data = buf.getvalue()
+        write_bytes_atomic(shard_path(out_dir, k), data, fsync=True)
+        _update_manifest(out_dir, shards={str(k): hashlib.sha256(data).hexdigest()})
         stats["generated"].append(k)
         stats["seconds"] += float(report["seconds"])
         stats["images"] += hi - lo
         bar.update(hi - lo)
         if after_shard is not None:
             after_shard(k)
+
+    busy = []
+    for k in mine:
+        lock = _lock(out_dir, shard_path(out_dir, k).name.removesuffix(".npz"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another process generates it now: come back to it at the end
+            busy.append(k)
+            continue
+        try:
+            produce(k)
+        finally:
+            lock.release()
+    for k in busy:  # wait for the other process; regenerate if it died before finishing the shard
+        with _lock(out_dir, shard_path(out_dir, k).name.removesuffix(".npz")):
+            produce(k)
     bar.close()
     return stats
 
@@ -183,11 +295,11 @@ def collect(out_dir: str | os.PathLike, num_samples: int, shard_size: int) -> di
     parts = []
     for k, (lo, hi) in enumerate(shard_ranges(num_samples, shard_size)):
         path = shard_path(out_dir, k)
-        if not path.is_file():
+        problem, shard = inspect_shard(out_dir, k, lo, hi)
+        if problem == "missing":
             raise MarcacheError(f"{out_dir}: shard {k} is missing; rerun the same command to resume")
-        shard = _read_shard(path)
-        if not np.array_equal(shard["sample_ids"], np.arange(lo, hi)):
-            raise MarcacheError(f"{path}: holds samples {shard['sample_ids'][:1]}.. instead of {lo}..{hi - 1}")
+        if problem is not None:
+            raise MarcacheError(f"{path}: {problem}; rerun the same command to regenerate it")
         parts.append(shard)
     ids = np.concatenate([p["sample_ids"] for p in parts])
     if len(ids) != num_samples or len(np.unique(ids)) != num_samples:
@@ -204,7 +316,4 @@ def collect(out_dir: str | os.PathLike, num_samples: int, shard_size: int) -> di
 
 
 def mark_complete(out_dir: str | os.PathLike, extra: dict) -> None:
-    path = Path(out_dir) / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest.update(complete=True, **extra)
-    _write_json_atomic(path, manifest)
+    _update_manifest(Path(out_dir), complete=True, **extra)
