@@ -63,9 +63,10 @@ class ChainKey:
     """Everything a captured head chain depends on besides its input values."""
 
     rows: int  # bucket
-    steps: int  # head steps
+    steps: int  # head steps that run
     guided: bool
     clip_denoised: bool
+    spec: str = ""  # diffusion spec (``HeadPlan.spec``); "" = str(steps)
 
 
 class HeadChainRunner:
@@ -78,7 +79,7 @@ class HeadChainRunner:
 
     def __init__(self, diffloss, key: ChainKey, device: torch.device, autocast, use_graph: bool):
         self.diffloss, self.key, self.device, self.autocast = diffloss, key, device, autocast
-        self.sched = diffloss.schedule(key.steps)
+        self.sched = diffloss.schedule(key.spec or key.steps)
         z_dim, channels = diffloss.net.cond_embed.in_features, diffloss.in_channels
         halves = 2 if key.guided else 1
         self.z = torch.zeros(halves * key.rows, z_dim, device=device)
@@ -197,9 +198,14 @@ class CudaBackend(ReferenceBackend):
         return gather_positions(z, idx.repeat(z.shape[0] // idx.shape[0], 1))
 
     # ------------------------------------------------------------------ diffusion head
-    def runner(self, head, rows: int, steps: int, guided: bool, clip_denoised: bool = False) -> HeadChainRunner:
-        """The runner of a chain shape (created, and on CUDA captured, on first use)."""
-        key = ChainKey(row_bucket(rows, self.buckets), int(steps), bool(guided), bool(clip_denoised))
+    def runner(self, head, rows: int, steps: int, guided: bool, clip_denoised: bool = False, spec: str = "") -> HeadChainRunner:
+        """The runner of a chain shape (created, and on CUDA captured, on first use). ``spec`` (a
+        timestep-capped diffusion, ``HeadPlan.spec``) may run fewer than ``steps`` steps."""
+        if spec and spec != str(steps):
+            steps = head.schedule(spec).num_timesteps
+        else:
+            spec = ""
+        key = ChainKey(row_bucket(rows, self.buckets), int(steps), bool(guided), bool(clip_denoised), spec)
         if key not in self.runners:
             self.runners[key] = HeadChainRunner(head, key, self.device, self.head_autocast, self.graphs)
         return self.runners[key]
@@ -214,15 +220,15 @@ class CudaBackend(ReferenceBackend):
         groups = plan.groups()
         if len(groups) == 1:  # one budget for every token (the official plan): slices, no index tensors
             count = groups[0][0]
-            run = self.runner(head, b * k, count, guided, plan.clip_denoised)
-            out = run(z_cond, z_uncond, flat_noise[:, : count + 1], cfg, plan.temperature).clone()
+            run = self.runner(head, b * k, count, guided, plan.clip_denoised, plan.spec(count))
+            out = run(z_cond, z_uncond, flat_noise[:, : run.key.steps + 1], cfg, plan.temperature).clone()
             return out.reshape(b, k, c)
         out = torch.empty(b * k, c, device=z.device, dtype=torch.float32)
         for count, rows in groups:
             rows = rows.to(z.device, non_blocking=True)
-            run = self.runner(head, len(rows), count, guided, plan.clip_denoised)
+            run = self.runner(head, len(rows), count, guided, plan.clip_denoised, plan.spec(count))
             out[rows] = run(z_cond[rows], None if z_uncond is None else z_uncond[rows],
-                            flat_noise[rows, : count + 1], cfg, plan.temperature)
+                            flat_noise[rows, : run.key.steps + 1], cfg, plan.temperature)
         return out.reshape(b, k, c)
 
     def describe(self) -> dict:

@@ -96,7 +96,7 @@ class ReferenceBackend(Backend):
             cond = z_cond[rows] if not guided else torch.cat([z_cond[rows], z_uncond[rows]])
             args = (cond, flat_noise[rows, : count + 1], plan.temperature, step.cfg_scale if guided else 1.0)
             with self.autocast():
-                kw = dict(steps=count, clip_denoised=plan.clip_denoised)
+                kw = dict(steps=plan.spec(count), clip_denoised=plan.clip_denoised)
                 chain = sample(head, *args, **kw) if sample else head.sample_with_noise(*args, **kw)
             out[rows] = chain.float()
         return out.reshape(b, k, c)

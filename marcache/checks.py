@@ -104,3 +104,7 @@ def check_head_plan(plan, plugin: str, step) -> None:
                           f"head plans need {HEAD_STEPS_MIN}..{HEAD_STEPS_MAX}")
     if isinstance(plan.temperature, bool) or not isinstance(plan.temperature, numbers.Real) or not plan.temperature > 0:
         raise PluginError(f"{where}: temperature {plan.temperature!r}; it must be a float > 0")
+    # the budget rule (HeadPlan): laid down, then caps by min, then raises; nothing written directly
+    if plan.base is None or not torch.equal(steps, plan.composed()):
+        raise PluginError(f"{where}: budgets were written directly; propose them with HeadPlan.cap() / raise_to() "
+                          "(budgets combine by min, then raises; docs/composition.md#head-budgets)")

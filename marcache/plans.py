@@ -48,29 +48,112 @@ class ForwardPlan:
     spec: Optional[object] = None  # CachedPass
     branches: str = "both"
     cond_diff: Optional[torch.Tensor] = None  # [B, P, D]
+    # work a plugin does beside the transformer runs (e.g. measuring feature drift), priced as is:
+    # {(component, operator): FLOPs of the whole batch (2 x MAC)}
+    extra_flops: dict = field(default_factory=dict)
 
 
 @dataclass
 class HeadPlan:
     """How the diffusion head samples the tokens predicted at this step.
 
+    **Budget rule** (docs/composition.md): the built-in ``ddpm_head`` lays down the sampler's budget
+    (:meth:`lay_down`); every budget plugin *proposes* a cap (:meth:`cap`) and a token's budget is the
+    **minimum** of the laid-down budget and every cap, whatever the plugins' order; then raisers
+    (:meth:`raise_to`, e.g. FTS, registered ``trylast``) lift chosen tokens, possibly above the caps.
+    The loop checks that ``steps`` equals exactly this composition, so a plugin that writes ``steps``
+    directly (silently overwriting another's budget) fails with one line.
+
     Attributes:
         steps: ``[B, k]`` int64, DDPM head steps for each predicted token (row order = the sample's
             predicted positions in ascending order). Rows with different counts run as separate
             chains, grouped by count (no per-token loop).
         temperature: scales only the per-step noise.
-        owner: plugin that last changed the budgets.
+        owner: plugin whose budget is binding for most tokens (the last raiser, else the lowest cap).
         chain_cache: optional per-head-step caching inside each chain (LazyMAR's head caches): an
             object with ``sample(diffloss, z, noise, temperature, cfg, steps, clip_denoised) -> [N, C]``
             executed by the backend in place of the plain chain; ``None`` = the official chain.
         clip_denoised: clamp each predicted x_0 to [-1, 1] (the sampler setting; pixel-space models).
+        timestep_cap: largest original timestep a chain visits (DiSA's release clips its respaced
+            timesteps at 950, merging duplicates); ``None`` = plain ADM respacing. Combined by min.
+        caps / raises: the proposals, ``{plugin: int | [B, k] tensor}`` and ``{plugin: (index [B, n], value)}``.
     """
 
-    steps: torch.Tensor
+    steps: Optional[torch.Tensor]
     temperature: float = 1.0
     owner: str = "ddpm_head"
     chain_cache: Optional[object] = None
     clip_denoised: bool = False
+    timestep_cap: Optional[int] = None
+    base: Optional[torch.Tensor] = None
+    base_owner: str = "ddpm_head"
+    caps: dict = field(default_factory=dict)
+    raises: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ the budget rule
+    def lay_down(self, owner: str, steps: torch.Tensor) -> None:
+        """The starting budget (the built-in ``ddpm_head``); resets every proposal."""
+        self.base, self.caps, self.raises = steps.clone(), {}, {}
+        self.steps, self.owner, self.base_owner = steps.clone(), owner, owner
+
+    def cap(self, owner: str, budget) -> None:
+        """Propose at most ``budget`` steps (an int or a ``[B, k]`` tensor); budgets combine by min."""
+        if self.raises:
+            raise RuntimeError(f"head plan: {owner!r} caps budgets after {sorted(self.raises)} raised them; "
+                               "raisers must run last (trylast)")
+        budget = torch.as_tensor(budget, dtype=torch.long)
+        self.caps[owner] = budget if budget.dim() else int(budget)
+        self.steps = torch.minimum(self.steps, budget.expand_as(self.steps))
+        self.owner = self.binding_cap()
+
+    def raise_to(self, owner: str, index: torch.Tensor, value: int) -> None:
+        """Raise the tokens ``index [B, n]`` (per row) to at least ``value`` steps (FTS's detail budget)."""
+        self.raises[owner] = (index.clone(), int(value))
+        raised = torch.full_like(self.steps, 0).scatter_(1, index, int(value))
+        self.steps = torch.maximum(self.steps, raised)
+        self.owner = owner
+
+    def cap_timesteps(self, owner: str, timestep: int) -> None:
+        """Clip the chains' original timesteps at ``timestep`` (duplicates merged); combined by min."""
+        self.timestep_cap = int(timestep) if self.timestep_cap is None else min(self.timestep_cap, int(timestep))
+
+    def binding_cap(self) -> str:
+        """The plugin whose cap sets the budget of the most tokens (the laid-down owner if no cap binds)."""
+        best, owner = 0, self.base_owner
+        for name, budget in self.caps.items():
+            binding = (self.steps == torch.as_tensor(budget).expand_as(self.steps)) & (self.steps < self.base)
+            if int(binding.sum()) > best:
+                best, owner = int(binding.sum()), name
+        return owner
+
+    def composed(self) -> torch.Tensor:
+        """``steps`` as the rule composes them from the recorded proposals."""
+        steps = self.base.clone()
+        for budget in self.caps.values():
+            steps = torch.minimum(steps, torch.as_tensor(budget).expand_as(steps))
+        for index, value in self.raises.values():
+            steps = torch.maximum(steps, torch.zeros_like(steps).scatter_(1, index, value))
+        return steps
+
+    def budget_summary(self) -> dict:
+        """JSON-serialisable proposals and effective budget of this step (run report, per step)."""
+        def brief(b):
+            if isinstance(b, int):
+                return b
+            lo, hi = int(b.min()), int(b.max())
+            return lo if lo == hi else [lo, hi]
+
+        return {"laid_down": brief(self.base) if self.base is not None else None,
+                "caps": {k: brief(v) for k, v in self.caps.items()},
+                "raises": {k: {"value": v, "tokens": int(i.numel())} for k, (i, v) in self.raises.items()},
+                "effective": [int(self.steps.min()), int(self.steps.max())],
+                "mean": float(self.steps.float().mean()),
+                "timestep_cap": self.timestep_cap,
+                "owner": self.owner}
+
+    def spec(self, count: int) -> str:
+        """Diffusion spec of a ``count``-step chain under this plan (``DiffLoss.schedule``)."""
+        return str(count) if self.timestep_cap is None else f"{count}@{self.timestep_cap}"
 
     def groups(self) -> list[tuple[int, torch.Tensor]]:
         """``[(count, flat row indices into the [B*k] rows), ...]`` in ascending count."""
@@ -206,3 +289,4 @@ class StepRecord:
     # with a chain cache: row invocations per head module over the step's chains (see
     # HEAD_MODULES); None = every head step ran the official network on every row
     head_module_rows: Optional[dict] = None
+    extra_flops: Optional[dict] = None  # ForwardPlan.extra_flops of the step

@@ -200,15 +200,18 @@ class Sampler:
         head_rows, modules = Counter(), Counter()
         guided = gen.guided and step.cfg_scale != 1.0
         for count, idx in head.groups():
-            head_rows[count] += (2 if guided else 1) * len(idx)
+            # the chain length that runs (a timestep cap merges respaced steps: DiSA's release)
+            steps = count if head.timestep_cap is None else gen.model.diffloss.schedule(head.spec(count)).num_timesteps
+            head_rows[steps] += (2 if guided else 1) * len(idx)
             if head.chain_cache is not None:
-                modules.update(head.chain_cache.module_rows(count, len(idx), guided, gen.model.diffloss.net.num_res_blocks))
+                modules.update(head.chain_cache.module_rows(steps, len(idx), guided, gen.model.diffloss.net.num_res_blocks))
         return StepRecord(
             step=step.step, encoder_runs=encoder_runs, decoder_runs=decoder_runs, rows=rows,
             head_rows_by_steps=dict(head_rows),
             predicted=step.mask_to_pred, recomputed=recomputed, cached=cached, cfg_scale=step.cfg_scale,
             owners={"forward": forward.owner, "head": head.owner},
             head_module_rows=dict(modules) if head.chain_cache is not None else None,
+            extra_flops=dict(forward.extra_flops) or None,
         )
 
     def _log_step(self, record: StepRecord, head: HeadPlan, forward_branches: str) -> None:
@@ -220,6 +223,7 @@ class Sampler:
             "owners": record.owners,
             # resolved to ints when the report is built (counting here would sync the device)
             "positions": position_counts(record, forward_branches),
+            "head_budget": head.budget_summary(),
         })
 
     def _report(self, num_images: int, seconds: float) -> dict:
@@ -244,6 +248,9 @@ class Sampler:
             "steps": self.step_log,
             "engagement": engagement,
             "never_engaged": silent,
+            # the effective head budget per step (first batch): min of the laid-down budget and every
+            # plugin's cap, then raises (HeadPlan; docs/composition.md)
+            "head_budget_per_step": [s["head_budget"] for s in self.step_log if s["batch"] == 0],
             "cache_peak_bytes": getattr(self, "_cache_peak", {}),
             "cache_hits": cache_hit_summary(self.step_log),
         }

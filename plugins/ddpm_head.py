@@ -16,7 +16,6 @@ class DDPMHead(Plugin):
     @hookimpl(tryfirst=True)
     def marcache_head_plan(self, step, plan, z):
         b, k = z.shape[0], z.shape[1]
-        plan.steps = torch.full((b, k), step.gen.head_steps, dtype=torch.long)
+        plan.lay_down(self.name, torch.full((b, k), step.gen.head_steps, dtype=torch.long))
         plan.temperature = step.gen.temperature
-        plan.owner = self.name
         self.engagement["head_chains"] += b * k

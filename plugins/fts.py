@@ -72,7 +72,6 @@ class FTS(Plugin):
         n_detail = max(1, round(self.config.beta * k))
         # per image: indices of its top-scoring tokens among those predicted now
         top = fts_scores(z, self.config.normalize).topk(n_detail, dim=1).indices.cpu()
-        plan.steps.scatter_(1, top, self.config.detail_steps)
-        plan.owner = self.name
+        plan.raise_to(self.name, top, self.config.detail_steps)
         self.engagement["detail_tokens"] += b * n_detail
         self.engagement["steps_applied"] += 1

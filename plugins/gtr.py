@@ -183,6 +183,5 @@ class GtRSchedule(Plugin):
         steps = step.store.get(self.name, "head_steps")
         if steps is None:  # another schedule plugin won: our stage plan does not apply
             return
-        plan.steps.fill_(steps[step.step])
-        plan.owner = self.name
+        plan.cap(self.name, steps[step.step])  # budgets combine by min (HeadPlan)
         self.engagement["head_steps_total"] += steps[step.step] * plan.steps.numel()

@@ -203,7 +203,9 @@ class LazyMARCondCache(Plugin):
 
     @hookimpl
     def marcache_step_end(self, step, record):
-        if step.gen.guided and is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+        # a refresh requested by another plugin (drift_refresh) also renews the difference
+        refreshed = step.store.get("features", "refreshed_step") == step.step
+        if step.gen.guided and (refreshed or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval)):
             cache = feature_cache_of(step.store)
             b = step.gen.batch_size
             step.store.put(self.name, "diff", cache.prenorm[b:] - cache.prenorm[:b])

@@ -141,9 +141,8 @@ class ReCAP(Plugin):
     def marcache_head_plan(self, step, plan, z):
         if self.config.local_head_steps is None or step_kind(step.step, step.num_steps, self.config)[0] != "local":
             return
-        # a reduction: never more steps than the plan already gives
-        plan.steps.clamp_(max=self.config.local_head_steps)
-        plan.owner = self.name
+        # a reduction: never more steps than the plan already gives (budgets combine by min)
+        plan.cap(self.name, self.config.local_head_steps)
 
     def _group_positions(self, gen, first: int) -> torch.Tensor:
         """Sorted target positions of the group starting at step ``first`` (Full-FE + its Local-FEs)."""

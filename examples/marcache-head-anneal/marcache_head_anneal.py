@@ -43,6 +43,5 @@ class HeadAnneal(Plugin):
     def marcache_head_plan(self, step, plan, z):
         last = max(step.num_steps - 1, 1)
         count = round(self.config.start + (self.config.end - self.config.start) * step.step / last)
-        plan.steps.fill_(count)  # the built-in ddpm_head laid down the full budget first
-        plan.owner = self.name
+        plan.cap(self.name, count)  # budgets combine by min with the sampler's and other plugins' budgets
         self.engagement["head_steps_total"] += count * plan.steps.numel()

@@ -42,12 +42,14 @@ class ExecutedShapes:
     decoder_runs: tuple
     head_rows_by_steps: dict
     head_module_rows: Optional[dict] = None
+    extra_flops: Optional[dict] = None  # plugin work beside the runs (ForwardPlan.extra_flops)
 
     @classmethod
     def of(cls, record) -> "ExecutedShapes":
-        modules = record.head_module_rows
+        modules, extra = record.head_module_rows, record.extra_flops
         return cls(int(record.step), tuple(record.encoder_runs), tuple(record.decoder_runs),
-                   {int(k): int(v) for k, v in record.head_rows_by_steps.items()}, dict(modules) if modules else None)
+                   {int(k): int(v) for k, v in record.head_rows_by_steps.items()}, dict(modules) if modules else None,
+                   dict(extra) if extra else None)
 
 
 def _transformer_flops(costs: CostModel, record, ops: dict[str, Counter]) -> None:
@@ -93,6 +95,8 @@ def record_flops(costs: CostModel, record) -> tuple[StepFlops, dict[str, Counter
     _transformer_flops(costs, record, ops)
     out = StepFlops(step=int(record.step))
     out.head_executed = _head_flops(costs, record, ops)
+    for (part, op), n in (getattr(record, "extra_flops", None) or {}).items():
+        ops[part][op] += int(n)  # already FLOPs of the whole batch (e.g. drift_refresh's measuring)
     out.encoder, out.decoder, out.head = (total(ops[p]) for p in COMPONENTS)
     return out, ops
 

@@ -84,11 +84,28 @@ def respaced_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     return sorted(set(taken))
 
 
+def capped_timesteps(spec: str | int) -> list[int]:
+    """Timesteps of a spec ``"N"`` or ``"N@C"``: the latter respaces to N steps, then clips every
+    timestep above C to C and merges duplicates (DiSA's release: ``create_diffusion(str(N))`` with its
+    default ``clip_timesteps=950``, so e.g. 50 requested steps run 48)."""
+    spec = str(spec).strip()
+    if "@" not in spec:
+        return respaced_timesteps(NUM_TRAIN_TIMESTEPS, spec)
+    count, cap = spec.split("@", 1)
+    try:
+        cap = int(cap)
+    except ValueError:
+        raise ValueError(f"diffusion step spec {spec!r}: the timestep cap after '@' must be an integer") from None
+    if not 0 < cap < NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"diffusion step spec {spec!r}: the timestep cap must be in [1, {NUM_TRAIN_TIMESTEPS - 1}]")
+    return sorted({min(t, cap) for t in respaced_timesteps(NUM_TRAIN_TIMESTEPS, count)})
+
+
 def diffusion_tables(spec: str | int = "") -> dict[str, np.ndarray]:
     """float64 tables of the (respaced) diffusion, keyed like the reference attributes."""
     base_betas = cosine_betas()
     alphas_cumprod_base = np.cumprod(1.0 - base_betas)
-    timestep_map = respaced_timesteps(NUM_TRAIN_TIMESTEPS, spec)
+    timestep_map = capped_timesteps(spec)
     keep = set(timestep_map)
     betas, last = [], 1.0
     for i, a in enumerate(alphas_cumprod_base):
