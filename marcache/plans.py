@@ -118,9 +118,10 @@ class HeadPlan:
         self.timestep_cap = int(timestep) if self.timestep_cap is None else min(self.timestep_cap, int(timestep))
 
     def binding_cap(self) -> str:
-        """The plugin whose cap sets the budget of the most tokens (the laid-down owner if no cap binds)."""
+        """The plugin whose cap sets the budget of the most tokens (the laid-down owner if no cap binds;
+        ties go to the first name alphabetically, so the policy order never changes the answer)."""
         best, owner = 0, self.base_owner
-        for name, budget in self.caps.items():
+        for name, budget in sorted(self.caps.items()):
             binding = (self.steps == torch.as_tensor(budget).expand_as(self.steps)) & (self.steps < self.base)
             if int(binding.sum()) > best:
                 best, owner = int(binding.sum()), name

@@ -119,6 +119,7 @@ class DriftRefresh(Plugin):
 
     def report_section(self) -> dict:
         out = dict(self.engagement)
+        out.setdefault("refreshes", 0)  # refreshes per run (since the last report)
         out["params"] = {"threshold": self.config.threshold, "reduce": self.config.reduce}
         out["batch_invariant"] = False
         out["refresh_steps_last_batch"] = list(getattr(self, "refresh_steps", []))

@@ -63,6 +63,7 @@ class HaltonOrder(Plugin):
 
     name = "halton_order"
     families = frozenset({"order"})
+    conflicts = ("gtr_order",)  # one token order per policy
     Config = HaltonOrderConfig
     description = "Halton-MaskGIT order: 2-D Halton sequence (bases 2, 3) over the grid, optional per-sample roll"
 

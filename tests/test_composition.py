@@ -35,6 +35,10 @@ COVERED = {
     "lazymar_head": {},
     "lazymar_token_cache": {"warmup_steps": 2, "refresh_interval": 3, "cache_dtype": "float32"},
     "recap": {},
+    "disa": {"upper_steps": 20, "lower_steps": 4},
+    "halton_order": {},
+    # threshold 0: a refresh after every lazy pass with any drift, the same decisions in a batch and alone
+    "drift_refresh": {"threshold": 0.0},
 }
 ACCELERATORS = [n for n in registered_accelerators() if n in COVERED]
 PARAMS = COVERED
@@ -48,6 +52,8 @@ def model_for(grid):
 
 def policy_of(names, cfg=3.0, num_iter=8, **sampler):
     plugins = []
+    if "drift_refresh" in names and "lazymar_token_cache" not in names:  # the caches it refreshes
+        names = ["lazymar_token_cache", *names]
     for name in names:
         params = dict(PARAMS.get(name, {}))
         if name == "fts" and "gtr_schedule" not in names:
