@@ -23,6 +23,20 @@ LAZY = [{"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_i
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 5, "refresh_interval": 9}}]
 HEAD = [{"name": "lazymar_head", "params": {"scale_with_head_steps": False}}]
 GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0], "head_max": 25, "head_min": 10, "head_rec": 10}}]
+
+
+def V2(head_max, head_min, detail, disa):
+    """turbo v2 family: GtR at 12/3/1 steps on 16x16 (3/1/1 on 7x7) with its head ramp, FTS, LazyMAR's
+    feature caches refreshed once after warm-up on 16 steps, and DiSA's annealed cap."""
+    return [{"name": "gtr_order"},
+            {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": head_max,
+                                                "head_min": head_min, "head_rec": head_min}},
+            {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}},
+            {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 7, "cache_dtype": "float16"}},
+            {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 7}},
+            {"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}}]
+
+
 CANDIDATES = {
     "baseline": [],
     "lazymar": LAZY + [{"name": "lazymar_head"}],
@@ -41,6 +55,19 @@ CANDIDATES = {
     "gtr_fts(head 25->10)+lazymar(2,2)": GTR_HALF + [{"name": "fts", "params": {"detail_steps": 25}}] + [
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 2}}],
+    "turbo v1 (policies/turbo_v1.yaml)": "turbo_v1",
+    # issue #18: DiSA, Halton, drift-triggered refresh, and turbo v2 candidates (mar_mnist: 16 x 50)
+    "disa 50->5": [{"name": "disa", "params": {"upper_steps": 50, "lower_steps": 5}}],
+    "disa 25->5": [{"name": "disa", "params": {"upper_steps": 25, "lower_steps": 5}}],
+    "halton": [{"name": "halton_order"}],
+    "lazymar feats (5,9)": LAZY,
+    "lazymar feats (5,inf)+drift 0.3": [
+        {"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
+        {"name": "lazymar_cond_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
+        {"name": "drift_refresh", "params": {"threshold": 0.3}}],
+    "v2a: gtr 12/3/1 (25->10)+fts 25+lazymar(2,7)+disa 25->5": V2(25, 10, 25, (25, 5)),
+    "v2b: gtr 12/3/1 (20->5)+fts 20+lazymar(2,7)+disa 20->4": V2(20, 5, 20, (20, 4)),
+    "v2c: gtr 12/3/1 (15->4)+fts 15+lazymar(2,7)+disa 15->3": V2(15, 4, 15, (15, 3)),
     "turbo (policies/turbo.yaml)": "turbo",
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
@@ -107,7 +134,8 @@ def main(argv=None) -> int:
         flops = policy_flops(shapes, policy, num_images=args.batch_size, batch_size=args.batch_size)["tflops_per_image"]
         start = time.perf_counter()
         metrics = evaluate(model, policy, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
-        results[key] = {"name": name, "tflops": flops, "fid": metrics["fid"], "class_accuracy": metrics["class_accuracy"],
+        results[key] = {"name": name, "tflops": flops, "executed_tflops": metrics.get("tflops_per_image"),
+                        "fid": metrics["fid"], "class_accuracy": metrics["class_accuracy"],
                         "images_per_second": metrics["images_per_second"], "seconds": time.perf_counter() - start,
                         "policy": policy.to_dict()}
         results_path.write_text(json.dumps(results, indent=1))
