@@ -66,7 +66,7 @@ def main() -> None:
         print("\n| AR steps | baseline (100 head steps) | DiSA 50->5 | ratio vs 64-step baseline |")
         print("|---|---|---|---|")
         ref = tflops(huge, [])
-        for n in (64, 32, 24, 16):
+        for n in (64, 32, 24, 16, 8):
             plain, disa = tflops(huge, [], n), tflops(huge, "disa", n)
             print(f"| {n} | {plain:.2f} | {disa:.2f} | {ref / disa:.2f}x |", flush=True)
 
