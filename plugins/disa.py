@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from marcache.hookspecs import hookimpl
+from marcache.plans import HEAD_STEPS_MAX, HEAD_STEPS_MIN
 from marcache.plugin import Plugin, register_plugin
 
 STRATEGIES = ("linear", "cosine", "two-stage", "constant")
@@ -39,9 +40,9 @@ class DiSAConfig:
     timestep_cap: Optional[int] = 950  # the release clips respaced timesteps at 950; null = no clip
 
     def __post_init__(self):
-        if not 2 <= self.lower_steps <= self.upper_steps <= 1000:
+        if not HEAD_STEPS_MIN <= self.lower_steps <= self.upper_steps <= HEAD_STEPS_MAX:
             raise ValueError(f"lower_steps={self.lower_steps}, upper_steps={self.upper_steps}: "
-                             "need 2 <= lower_steps <= upper_steps <= 1000")
+                             f"need {HEAD_STEPS_MIN} <= lower_steps <= upper_steps <= {HEAD_STEPS_MAX}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: one of {', '.join(STRATEGIES)}")
         if self.timestep_cap is not None and not 1 <= self.timestep_cap <= 999:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from marcache.caching import STORE_NAMESPACE, feature_cache_of
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.models.partial import CachedPass, TokenSelection
@@ -72,36 +73,38 @@ class DriftRefresh(Plugin):
     # trylast: refine the plan after LazyMAR's plugins laid down this step's (lazy or full) pass
     @hookimpl(trylast=True)
     def marcache_forward_plan(self, step, plan):
-        ns = step.store.namespace(self.name)
-        cost = ns.pop("pending_flops", 0)
+        store = step.store
+        cost, refresh = store.get(self.name, "pending_flops", 0), store.get(self.name, "refresh_next", False)
+        store.put(self.name, "pending_flops", 0)
+        store.put(self.name, "refresh_next", False)
         if cost:
             plan.extra_flops[("decoder", "drift_cosine")] = plan.extra_flops.get(("decoder", "drift_cosine"), 0) + cost
         spec = plan.spec
         lazy = plan.mode == "cached" and plan.owner in CACHE_OWNERS and spec is not None and spec.encoder_queries is not None
-        if not (lazy and ns.pop("refresh_next", False)):
+        if not (lazy and refresh):
             return
         positions = step.gen.model.buffer_size + step.gen.seq_len
         forced = torch.zeros(step.gen.batch_size, positions, dtype=torch.bool, device=step.mask.device)
         plan.spec = CachedPass(selection=TokenSelection(spec.selection.layer, positions, forced))
         plan.branches, plan.cond_diff, plan.owner = "both", None, self.name
-        step.store.put("features", "refreshed_step", step.step)
+        step.store.put(STORE_NAMESPACE, "refreshed_step", step.step)
         self.refresh_steps.append(step.step)
         self.engagement["refreshes"] += 1
 
     @hookimpl
     def marcache_step_end(self, step, record):
-        cache = step.store.get("features", "cache")
+        cache = feature_cache_of(step.store)
         sel_v = getattr(cache, "sel_v", None)
         if cache is None or sel_v is None or sel_v.device.type == "meta" or step.is_last:
             return
-        b, ns = step.gen.batch_size, step.store.namespace(self.name)
+        b = step.gen.batch_size
         kept = cache.last_decoder_positions[:b]  # positions recomputed past the selection layer, [B, n]
         now = sel_v[:b].float()  # [B, H, P, hd]
         if kept.shape[1] == now.shape[2]:  # a full pass: the new reference
             step.store.put(self.name, "reference_v", now.clone())
             self.engagement["full_passes_seen"] += 1
             return
-        reference = ns.get("reference_v")
+        reference = step.store.get(self.name, "reference_v")
         if reference is None:
             return
         heads, head_dim = now.shape[1], now.shape[3]
@@ -112,8 +115,8 @@ class DriftRefresh(Plugin):
         drift = ((1 - cos) * measured).sum(dim=1) / measured.sum(dim=1).clamp_min(1)  # [B]
         value = float(drift.max() if self.config.reduce == "max" else drift.mean())
         # one dot product and two squared norms per head and recomputed position (2 FLOPs per MAC)
-        ns["pending_flops"] = 2 * 3 * head_dim * heads * kept.numel()
-        ns["refresh_next"] = value > self.config.threshold
+        step.store.put(self.name, "pending_flops", 2 * 3 * head_dim * heads * kept.numel())
+        step.store.put(self.name, "refresh_next", value > self.config.threshold)
         self.engagement["measurements"] += 1
         self.drifts = getattr(self, "drifts", []) + [value]
 

@@ -36,7 +36,7 @@ import torch
 
 from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
-from marcache.caching import buffer_and_new_tokens, feature_cache_of, shared_feature_cache
+from marcache.caching import STORE_NAMESPACE, buffer_and_new_tokens, feature_cache_of, shared_feature_cache
 from marcache.models.partial import CachedPass, TokenSelection
 from marcache.plugin import Plugin, register_plugin
 from marcache.search_space import Int
@@ -204,7 +204,7 @@ class LazyMARCondCache(Plugin):
     @hookimpl
     def marcache_step_end(self, step, record):
         # a refresh requested by another plugin (drift_refresh) also renews the difference
-        refreshed = step.store.get("features", "refreshed_step") == step.step
+        refreshed = step.store.get(STORE_NAMESPACE, "refreshed_step") == step.step
         if step.gen.guided and (refreshed or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval)):
             cache = feature_cache_of(step.store)
             b = step.gen.batch_size

@@ -11,7 +11,7 @@ from marcache.models.diffusion import capped_timesteps, respaced_timesteps
 from marcache.policy import load_policy, resolve_policy
 from marcache.plugins.disa import STRATEGIES, DiSAConfig, disa_budget
 from marcache.scheduler import Sampler
-from test_properties import StepRecorder
+from marcache.testing import StepRecorder
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -8,7 +8,7 @@ from marcache.errors import ConfigError
 from marcache.flops import policy_flops
 from marcache.policy import resolve_policy
 from marcache.scheduler import Sampler
-from test_composition import Watcher
+from marcache.testing import StepRecorder as Watcher
 
 LAZY = {"warmup_steps": 2, "refresh_interval": 100, "cache_dtype": "float32"}
 

@@ -8,7 +8,7 @@ from conftest import make_tiny, rel_err
 from marcache.policy import resolve_policy
 from marcache.plugins.halton_order import halton_sequence, radical_inverse
 from marcache.scheduler import Sampler
-from test_properties import StepRecorder
+from marcache.testing import StepRecorder
 
 
 def published_mask(size: int, nb_point: int = 10_000) -> list[tuple[int, int]]:
