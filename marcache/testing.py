@@ -94,7 +94,9 @@ class HeadChainCounter:
         plain = type(self.head).sample_with_noise.__get__(self.head)
 
         def counted(z, noise, temperature=1.0, cfg=1.0, steps=None, **kwargs):
-            self.calls.append((z.shape[0], int(steps) if steps is not None else self.head.gen_diffusion.num_timesteps))
+            # the steps that run (a timestep-capped spec such as "50@950" runs fewer than it names)
+            sched = self.head.schedule(steps) if steps is not None else self.head.gen_diffusion
+            self.calls.append((z.shape[0], sched.num_timesteps))
             return plain(z, noise, temperature, cfg, steps, **kwargs)
 
         self.head.sample_with_noise = counted
