@@ -27,14 +27,14 @@ ROWS = {
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
         {"name": "drift_refresh"}],
-    "turbo (v2: 12/3/1, head 20->5, FTS 20, LazyMAR (2, 7), DiSA 20->4)": "turbo",
-    "turbo v2c candidate (head 15->4, FTS 15, DiSA 15->3)": [
+    "turbo (v2: 12/3/1, head 15->4, FTS 15, LazyMAR (2, 7), DiSA 15->3)": "turbo",
+    "turbo v2b candidate (head 20->5, FTS 20, DiSA 20->4)": [
         {"name": "gtr_order"},
-        {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": 15, "head_min": 4, "head_rec": 4}},
-        {"name": "fts", "params": {"beta": 0.10, "detail_steps": 15}},
+        {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": 20, "head_min": 5, "head_rec": 5}},
+        {"name": "fts", "params": {"beta": 0.10, "detail_steps": 20}},
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 7, "cache_dtype": "float16"}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 7}},
-        {"name": "disa", "params": {"upper_steps": 15, "lower_steps": 3}}],
+        {"name": "disa", "params": {"upper_steps": 20, "lower_steps": 4}}],
 }
 
 
