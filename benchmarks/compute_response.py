@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from marcache.cli import add_model_args, build_model
+
 METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "images_per_second")
 
 
@@ -137,8 +139,7 @@ def write(results: dict, docs: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="registered model (default: the shipped mar_mnist)")
-    p.add_argument("--checkpoint", default=None, help="weights for --model")
+    add_model_args(p)  # --model/--checkpoint/--weights/--vae as in `marcache eval` (default: the shipped mar_mnist)
     p.add_argument("--ar-steps", type=_ints, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--head-steps", type=_ints, default=[5, 10, 25, 50, 100])
     p.add_argument("--seeds", type=_ints, default=[0, 1])
@@ -153,16 +154,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    import marcache
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model is None:
-        from marcache.weights import load_mar_mnist
-
-        model = load_mar_mnist()
-    else:
-        model = marcache.load_mar(args.model, args.checkpoint)
+    _, model = build_model(args)
     results = measure(model, args.ar_steps, args.head_steps, args.seeds, args.num_samples, args.out, args.batch_size)
     decision = write(results, Path(args.docs or args.out))
     print(table(results, decision))

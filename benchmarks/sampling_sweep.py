@@ -16,6 +16,8 @@ import itertools
 import json
 from pathlib import Path
 
+from marcache.cli import add_model_args, build_model
+
 
 def _list(kind):
     def parse(text):
@@ -28,8 +30,7 @@ def _list(kind):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="registered model (default: the shipped mar_mnist)")
-    p.add_argument("--checkpoint", default=None)
+    add_model_args(p)  # --model/--checkpoint/--weights/--vae as in `marcache eval` (default: the shipped mar_mnist)
     p.add_argument("--cfg", type=_list(float), default=[1.5, 2.5, 3.5, 5.0])
     p.add_argument("--cfg-schedule", type=_list(str), default=["linear", "constant"])
     p.add_argument("--temperature", type=_list(float), default=[0.8, 0.9, 1.0])
@@ -42,18 +43,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    import marcache
     from marcache.evaluation.spread import judge
     from marcache.evaluation.sweep import sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model is None:
-        from marcache.weights import load_mar_mnist
-
-        model = load_mar_mnist()
-    else:
-        model = marcache.load_mar(args.model, args.checkpoint)
+    _, model = build_model(args)
     settings = [(f"cfg{c:g}-{s}-t{t:g}", [f"sampler.cfg={c}", f"sampler.cfg_schedule={s}", f"sampler.temperature={t}"])
                 for c, s, t in itertools.product(args.cfg, args.cfg_schedule, args.temperature)]
     results = sweep(model, settings, args.seeds, args.num_samples, args.out, args.batch_size)
