@@ -165,3 +165,18 @@ class HostSyncGuard(Plugin):
     def marcache_step_end(self, step, record):
         torch.cuda.set_sync_debug_mode("default")
         self.engagement["guarded_steps"] += 1  # proof that the guard was armed, not bypassed
+
+
+def fake_distribution(folder, name: str, entry_points: dict[str, dict[str, str]]):
+    """Make ``folder`` look like an installed distribution ``name`` with these entry points
+    (``{group: {entry: "module:attr"}}``), so ``importlib.metadata`` discovers them once ``folder`` is on
+    ``sys.path``: tests of plugin/backend discovery without installing anything. Returns the dist-info folder."""
+    from pathlib import Path
+
+    dist = Path(folder) / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{key} = {target}\n" for key, target in entries.items())
+        for group, entries in entry_points.items()))
+    return dist

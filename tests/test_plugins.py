@@ -14,6 +14,7 @@ from marcache.hookspecs import hookimpl
 from marcache.plugin import Plugin, available_plugins, build_plugin_manager, register_plugin
 from marcache.policy import resolve_policy
 from marcache.scheduler import Sampler
+from marcache.testing import fake_distribution
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "marcache-head-anneal"
 
@@ -161,10 +162,7 @@ def test_disabling_the_forward_builtin_without_replacement(registry, tiny_model)
 
 def test_entry_point_example_plugin(registry, monkeypatch, tmp_path, tiny_model):
     """The worked example of docs/plugins.md, discovered through a real entry point."""
-    dist = tmp_path / "marcache_head_anneal-0.1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: marcache-head-anneal\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text("[marcache]\nhead_anneal = marcache_head_anneal:HeadAnneal\n")
+    fake_distribution(tmp_path, "marcache-head-anneal", {"marcache": {"head_anneal": "marcache_head_anneal:HeadAnneal"}})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setattr(plugin_mod, "_ENTRY_POINTS_LOADED", False)

@@ -12,6 +12,7 @@ import marcache.backends.base as backend_base
 from marcache.backends import available_backends, get_backend
 from marcache.cli import main
 from marcache.plugin import available_plugins
+from marcache.testing import fake_distribution
 
 ROOT = Path(__file__).parents[1]
 
@@ -51,10 +52,7 @@ def test_third_party_backend_through_an_entry_point(monkeypatch, tmp_path, capsy
         "    def run_forward(self, step, plan):\n"
         "        LoudBackend.calls += 1\n"
         "        return super().run_forward(step, plan)\n")
-    dist = tmp_path / "my_backend_pkg-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-backend-pkg\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[marcache.backends]\nloud = my_backend_pkg:LoudBackend\n")
+    fake_distribution(tmp_path, "my-backend-pkg", {"marcache.backends": {"loud": "my_backend_pkg:LoudBackend"}})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(backend_base, "_REGISTRY", dict(backend_base._REGISTRY))
     monkeypatch.setattr(backend_base, "_DISCOVERED", False)

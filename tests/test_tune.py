@@ -22,6 +22,7 @@ from marcache.errors import PluginError
 from marcache.plugin import Plugin, available_plugins, register_plugin
 from marcache.policy import resolve_policy
 from marcache.search_space import Categorical, Float, Int
+from marcache.testing import fake_distribution
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "marcache-head-anneal"
 SPACE = {
@@ -126,10 +127,7 @@ def test_bad_declared_range_of_an_entry_point_plugin_is_one_line_exit_2(registry
         "            raise ValueError(f'n={self.n}: must be >= 2')\n"
         "class P(Plugin):\n    name = 'badspace'\n    families = frozenset({'head'})\n    Config = C\n"
         "    search_space = {'n': Int(1, 8)}\n")
-    dist = tmp_path / "badspace-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badspace\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[marcache]\nbadspace = badspace_plugin:P\n")
+    fake_distribution(tmp_path, "badspace", {"marcache": {"badspace": "badspace_plugin:P"}})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(plugin_mod, "_ENTRY_POINTS_LOADED", False)
     assert main(["plugins", "--tunable"]) == 2
@@ -142,10 +140,7 @@ def test_bad_declared_range_of_an_entry_point_plugin_is_one_line_exit_2(registry
 
 def test_plugins_tunable_lists_declared_spaces(registry, monkeypatch, tmp_path, capsys):
     """Built-ins and a third-party plugin (the docs/plugins.md example, through an entry point)."""
-    dist = tmp_path / "marcache_head_anneal-0.1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: marcache-head-anneal\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text("[marcache]\nhead_anneal = marcache_head_anneal:HeadAnneal\n")
+    fake_distribution(tmp_path, "marcache-head-anneal", {"marcache": {"head_anneal": "marcache_head_anneal:HeadAnneal"}})
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setattr(plugin_mod, "_ENTRY_POINTS_LOADED", False)
