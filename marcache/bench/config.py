@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from marcache.errors import ConfigError
+from marcache.evaluation.spread import parse_seeds
 
 MATCH_MODES = ("ar", "head", "mixed")
 
@@ -83,12 +84,6 @@ class BenchConfig:
                    batch_size=args.batch_size, num_images=args.num_images, warmup=args.warmup, repeats=args.repeats,
                    seed=args.seed, match=match_modes(args.match), match_tolerance=args.match_tolerance,
                    threads=args.threads, eval=args.eval, eval_samples=args.eval_samples,
-                   eval_seeds=_seeds(args.eval_seeds), plot=args.plot, out=args.out,
+                   eval_seeds=parse_seeds(args.eval_seeds, "--eval-seeds"), plot=args.plot, out=args.out,
                    json=args.json, overrides=tuple(args.overrides))
 
-
-def _seeds(text: str) -> tuple:
-    try:
-        return tuple(int(s) for s in str(text).split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"--eval-seeds {text!r}: expected comma-separated integers, e.g. 0,1") from None

@@ -65,18 +65,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _parse_seeds(text: str) -> list[int]:
-    from ..errors import ConfigError
-
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: give two or more distinct integers, e.g. --seeds 0,1")
-    return seeds
-
-
 def run(args) -> int:
     import torch
 
@@ -85,7 +73,7 @@ def run(args) -> int:
     from ..policy import load_policy
     from ..strict_json import json_safe
     from .runner import evaluate
-    from .spread import combine_seeds
+    from .spread import combine_seeds, parse_seeds
 
     if args.threads is not None:
         if args.threads < 1:
@@ -93,7 +81,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.num_samples < 2:
         raise ConfigError("--num-samples must be >= 2")
-    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    seeds = parse_seeds(args.seeds, "--seeds", minimum=2) if args.seeds is not None else [args.seed]
     policy = load_policy(args.policy, args.overrides)
     name, model = build_model(args)
     vae = build_vae(args, model)

@@ -18,6 +18,20 @@ def _numbers(values):
     return [v for v in values if isinstance(v, (int, float))]
 
 
+def parse_seeds(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``: distinct integers, at least ``minimum``; else one ConfigError line naming ``option``."""
+    from ..errors import ConfigError
+
+    try:
+        seeds = tuple(int(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        seeds = ()
+    if len(seeds) < minimum or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{option} {text!r}: give {'two' if minimum == 2 else 'one'} or more distinct integers, "
+                          f"e.g. {option} 0,1")
+    return seeds
+
+
 def merge(per_seed: Sequence[dict]) -> dict:
     """``{metric: mean, metric_per_seed: [...], metric_spread: max - min}`` for every metric present."""
     out = {}
