@@ -317,3 +317,26 @@ def test_two_workers_share_one_sqlite_storage(tmp_path, space_file):
     assert len({t.number for t in study.trials}) == len(study.trials)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both processes ran trials of the one study
+
+
+def test_workers_opening_a_fresh_sqlite_study_wait_for_each_other(tmp_path):
+    """Optuna's schema creation is not atomic: a second worker must not touch a fresh SQLite file
+    while the first holds the creation lock (the race once failed CI with an IntegrityError)."""
+    import fcntl
+    import threading
+
+    from marcache.tuning.study import default_storage, open_study
+
+    url = default_storage(tmp_path)
+    opened = []
+    with open(tmp_path / "study.db.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: opened.append(open_study(url, "s", {"a": 1}, 0)))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive() and not (tmp_path / "study.db").exists()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert len(opened) == 1 and opened[0].user_attrs["settings"] == {"a": 1}
+    again = open_study(url, "s", {"a": 1}, 0)  # a later worker loads the same study
+    assert again._study_id == opened[0]._study_id

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -60,8 +61,7 @@ def storage_for(url: str):
     """An RDB storage with heartbeats (a killed worker's trial is failed, then retried by a later one)."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import SQLAlchemyError
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the file lock
     for attempt in range(3):
@@ -70,7 +70,7 @@ def storage_for(url: str):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=30,
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-        except OperationalError as exc:  # two workers creating a fresh database race on its tables: retry
+        except SQLAlchemyError as exc:  # e.g. two workers on a fresh remote database racing on its schema
             if attempt == 2:
                 raise ConfigError(f"--storage {url}: cannot open ({str(exc).splitlines()[0]})") from None
             time.sleep(1.0 + attempt)
@@ -78,17 +78,40 @@ def storage_for(url: str):
             raise ConfigError(f"--storage {url}: cannot open ({str(exc).splitlines()[0]})") from None
 
 
+@contextmanager
+def _creation_lock(url: str):
+    """Serialize workers opening one local SQLite study: creating its schema is not atomic in Optuna
+    (two fresh workers both insert the alembic version row and one fails)."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on storage_for's retries
+        fcntl = None
+    if not path or path == ":memory:" or fcntl is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_study(storage_url: str, study_name: str, settings: dict, seed: int):
     """Create or load the study; refuse one made with other settings; a fresh TPE sampler per worker."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_for(storage_url)
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=DIRECTIONS, load_if_exists=True)
-    stored = study.user_attrs.get("settings")
-    if stored is None:
-        study.set_user_attr("settings", settings)
-    elif stored != settings:
+    with _creation_lock(storage_url):
+        storage = storage_for(storage_url)
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=DIRECTIONS,
+                                    load_if_exists=True)
+        stored = study.user_attrs.get("settings")
+        if stored is None:
+            study.set_user_attr("settings", settings)
+    if stored is not None and stored != settings:
         diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         raise ConfigError(f"study {study_name!r} in {storage_url} was made with other settings ({', '.join(diff)}); "
                           f"rerun with the same arguments, or pass another --study-name / --out")
