@@ -1,19 +1,29 @@
-"""Search composed policies on mar_mnist: FID vs FLOPs, the Pareto table, and the turbo choice.
+"""Search composed policies on mar_mnist: FID with its seed spread, fidelity to the baseline, FLOPs.
 
-    python benchmarks/search_turbo.py --num-samples 2000 --out docs/composition_search
+    python benchmarks/search_turbo.py --num-samples 1000 --seeds 0,1 --out docs/composition_search
 
-Every candidate is scored with the same seed and evaluator (``marcache.evaluation.evaluate``) and
-priced with the same FLOP counter (``marcache.flops.policy_flops``, FLOPs = 2 x MACs). Results are
-appended to ``<out>/results.json`` as they come, so an interrupted search resumes where it stopped.
-Outputs: ``results.json``, ``pareto.md`` (all rows, Pareto-optimal ones marked) and ``pareto.png``.
+Every candidate is scored on every seed with the same evaluator (``marcache.evaluation.evaluate``) and
+priced with the same FLOP counter (``marcache.flops.policy_flops``, FLOPs = 2 x MACs). FID is the mean
+over seeds with its spread (max - min); a candidate whose FID differs from the baseline's by no more
+than the larger of the two spreads is a **tie** (``marcache.evaluation.spread.judge``). Candidates that
+keep the baseline's order and step count are also compared image by image with the baseline's
+samples of the same seed (PSNR / SSIM / classifier-feature distance, ``fidelity.compare_images``).
+
+Results are keyed by the weights' fingerprint and appended to ``<out>/results.json`` as they come;
+samples are kept as shards under ``--work``, so an interrupted search resumes where it stopped.
+Outputs: ``results.json``, ``pareto.md`` (the rows of the current weights, Pareto-optimal ones
+marked) and ``pareto.png``. Wall-clock is not measured here (use ``marcache bench``, interleaved).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import re
 from pathlib import Path
+
+#: samples per shard file under --work
+SHARD_SIZE = 500
 
 #: candidate compositions (policy mappings). Parameters are chosen for mar_mnist's 16 steps x 50
 #: head steps; GtR's rates give 3 / 1 / 1 steps on its 7x7 grid.
@@ -98,22 +108,46 @@ def pareto(rows):
     return keep
 
 
+def keeps_baseline_order(policy, baseline) -> bool:
+    """Image-by-image fidelity is meaningful when the same tokens are predicted at the same steps."""
+    reorders = any("order" in cls.families for cls, _ in policy.plugin_configs)
+    return not reorders and policy.config.sampler.num_iter == baseline.config.sampler.num_iter
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80]
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="mar_mnist weights (default: the shipped ones)")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--seeds", default="0,1", help="two or more seeds (FID mean and spread)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="docs/composition_search")
-    parser.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
+    parser.add_argument("--work", default="runs/composition_search", help="sample shards (resumable)")
+    parser.add_argument("--only", nargs="*", help="candidate names to run besides the baseline (default: all)")
     args = parser.parse_args(argv)
 
+    import torch
+
     import marcache
-    from marcache.evaluation import evaluate
+    from marcache.evaluation import evaluate, sharded
+    from marcache.evaluation.fidelity import compare_images
+    from marcache.evaluation.runner import model_fingerprint
+    from marcache.evaluation.spread import combine_seeds, judge, parse_seeds
     from marcache.flops import policy_flops
     from marcache.models import meta_model
 
-    out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = parse_seeds(args.seeds, "--seeds", minimum=2)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -123,37 +157,63 @@ def main(argv=None) -> int:
         from marcache.weights import mnist_path
 
         model = marcache.load_mar("mar_mnist", mnist_path())
+    weights = model_fingerprint(model)
     shapes = meta_model("mar_mnist")
-    for name, entry in CANDIDATES.items():
-        if args.only and name not in args.only:
-            continue
-        key = f"{name}|n={args.num_samples}|seed={args.seed}"
-        if key in results:
-            continue
-        policy = as_policy(entry)
-        flops = policy_flops(shapes, policy, num_images=args.batch_size, batch_size=args.batch_size)["tflops_per_image"]
-        start = time.perf_counter()
-        metrics = evaluate(model, policy, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
-        results[key] = {"name": name, "tflops": flops, "executed_tflops": metrics.get("tflops_per_image"),
-                        "fid": metrics["fid"], "class_accuracy": metrics["class_accuracy"],
-                        "images_per_second": metrics["images_per_second"], "seconds": time.perf_counter() - start,
-                        "policy": policy.to_dict()}
-        results_path.write_text(json.dumps(results, indent=1))
-        print(f"{name:32s} {flops * 1e3:8.3f} GFLOP/img  FID {metrics['fid']:.3f}  acc {metrics['class_accuracy']:.4f}  "
-              f"{metrics['images_per_second']:.2f} img/s", flush=True)
+    baseline = as_policy(CANDIDATES["baseline"])
+    names = [n for n in CANDIDATES if n == "baseline" or not args.only or n in args.only]
+    for name in names:
+        policy = as_policy(CANDIDATES[name])
+        for seed in seeds:
+            key = f"{name}|n={args.num_samples}|seed={seed}|weights={weights}"
+            if key in results:
+                continue
+            folder = work / weights / slug(name) / f"seed-{seed}"
+            metrics = evaluate(model, policy, num_samples=args.num_samples, seed=seed, batch_size=args.batch_size,
+                               out_dir=str(folder), shard_size=SHARD_SIZE)
+            row = {k: metrics.get(k) for k in ("fid", "precision", "recall", "class_accuracy")}
+            row.update(name=name, seed=seed, weights=weights, num_samples=args.num_samples,
+                       tflops=policy_flops(shapes, policy, num_images=args.batch_size,
+                                           batch_size=args.batch_size)["tflops_per_image"],
+                       executed_tflops=metrics.get("tflops_per_image"), policy=policy.to_dict())
+            if name != "baseline" and keeps_baseline_order(policy, baseline):
+                base_folder = work / weights / "baseline" / f"seed-{seed}"
+                mine = sharded.collect(folder, args.num_samples, SHARD_SIZE)["images"]
+                ref = sharded.collect(base_folder, args.num_samples, SHARD_SIZE)["images"]
+                row["fidelity"] = compare_images(mine, ref)
+            results[key] = row
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{name:40s} seed {seed}  {row['tflops'] * 1e3:7.3f} GFLOP/img  FID {row['fid']:.3f}  "
+                  f"acc {row['class_accuracy']:.4f}", flush=True)
 
-    rows = [r for k, r in results.items() if k.endswith(f"|n={args.num_samples}|seed={args.seed}")]
-    base = next((r for r in rows if r["name"] == "baseline"), None)
+    rows = []
+    for name in CANDIDATES:
+        per_seed = [results.get(f"{name}|n={args.num_samples}|seed={s}|weights={weights}") for s in seeds]
+        if any(r is None for r in per_seed):
+            continue
+        row = combine_seeds(per_seed)
+        row.update(name=name, tflops=per_seed[0]["tflops"])
+        if all("fidelity" in r for r in per_seed):
+            row["psnr"], row["ssim"], row["feature_distance"] = (
+                sum(r["fidelity"][m]["mean"] for r in per_seed) / len(per_seed)
+                for m in ("psnr", "ssim", "feature_cosine_distance"))
+        rows.append(row)
+    base = next(r for r in rows if r["name"] == "baseline")
     flags = pareto(rows)
-    lines = ["| policy | GFLOP/image | FLOPs ratio | FID | ΔFID vs baseline | class acc. | images/s | speed ratio | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | GFLOP/image | FLOPs ratio | FID (mean) | FID per seed | vs baseline | precision | recall "
+             "| class acc. | PSNR | SSIM | feature dist. | Pareto |", "|---|" * 1 + "---|" * 12]
     for r, best in sorted(zip(rows, flags), key=lambda x: x[0]["tflops"]):
-        ratio = base["tflops"] / r["tflops"] if base else float("nan")
-        dfid = (r["fid"] / base["fid"] - 1) * 100 if base else float("nan")
-        speed = r["images_per_second"] / base["images_per_second"] if base else float("nan")
-        lines.append(f"| {r['name']} | {r['tflops'] * 1e3:.3f} | {ratio:.2f}x | {r['fid']:.3f} | {dfid:+.1f}% | "
-                     f"{r['class_accuracy']:.4f} | {r['images_per_second']:.2f} | {speed:.2f}x | {'yes' if best else ''} |")
-    (out / "pareto.md").write_text(f"N = {args.num_samples} samples, seed {args.seed}, batch {args.batch_size}\n\n" + "\n".join(lines) + "\n")
+        verdict = "" if r is base else judge(r["fid"], base["fid"], max(r["fid_spread"], base["fid_spread"]))
+        lines.append(
+            f"| {r['name']} | {r['tflops'] * 1e3:.3f} | {base['tflops'] / r['tflops']:.2f}x | {r['fid']:.2f} | "
+            f"{' / '.join(f'{v:.2f}' for v in r['fid_per_seed'])} | {verdict} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['class_accuracy']:.4f} | {fmt(r.get('psnr'), '.2f')} | "
+            f"{fmt(r.get('ssim'), '.3f')} | {fmt(r.get('feature_distance'), '.4f')} | {'yes' if best else ''} |")
+    header = (f"mar_mnist weights `{weights}`, N = {args.num_samples} samples per seed, seeds "
+              f"{', '.join(map(str, seeds))}, batch {args.batch_size}. A FID difference within the larger seed spread "
+              f"of the two policies is a tie. PSNR (dB) / SSIM / feature distance: mean over images and seeds "
+              f"against the baseline's image of the same seed and label, for policies that keep its order and "
+              f"steps ('-': order or steps differ).\n\n")
+    (out / "pareto.md").write_text(header + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -163,10 +223,12 @@ def main(argv=None) -> int:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r, best in zip(rows, flags):
-        ax.scatter(r["tflops"] * 1e3, r["fid"], color="tab:red" if best else "tab:blue")
-        ax.annotate(r["name"], (r["tflops"] * 1e3, r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        x = r["tflops"] * 1e3
+        ax.errorbar(x, r["fid"], yerr=r["fid_spread"] / 2, fmt="o", color="tab:red" if best else "tab:blue", ms=4)
+        ax.annotate(r["name"][:30], (x, r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
     ax.set_xlabel("GFLOP per image (2 x MAC)")
-    ax.set_ylabel(f"FID (classifier features, N={args.num_samples})")
+    ax.set_ylabel(f"FID (classifier features, N={args.num_samples}; bar = seed spread)")
     ax.set_title("mar_mnist: composed policies (red = Pareto-optimal)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

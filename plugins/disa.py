@@ -28,6 +28,7 @@ from typing import Optional
 from marcache.hookspecs import hookimpl
 from marcache.plans import HEAD_STEPS_MAX, HEAD_STEPS_MIN
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Categorical, Int
 
 STRATEGIES = ("linear", "cosine", "two-stage", "constant")
 
@@ -72,6 +73,9 @@ class DiSA(Plugin):
     name = "disa"
     families = frozenset({"head"})
     Config = DiSAConfig
+    # lower > upper is refused by the config: the tuner prunes that combination
+    search_space = {"upper_steps": Int(10, 100, log=True), "lower_steps": Int(2, 25, log=True),
+                    "strategy": Categorical(("linear", "cosine", "two-stage"))}
     description = "DiSA: head steps annealed over AR progress (50 -> 5 linear; cosine, two-stage), timesteps clipped at 950"
 
     @hookimpl

@@ -34,6 +34,7 @@ from marcache.errors import ConfigError
 from marcache.hookspecs import hookimpl
 from marcache.models.partial import CachedPass, TokenSelection
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Categorical, Float
 
 CACHE_OWNERS = ("lazymar_token_cache", "lazymar_cond_cache")
 
@@ -58,6 +59,8 @@ class DriftRefresh(Plugin):
     families = frozenset({"features"})
     conflicts = ("recap",)
     Config = DriftRefreshConfig
+    # without lazymar_token_cache in the trial the policy is refused and the tuner prunes it
+    search_space = {"threshold": Float(0.01, 0.5, log=True), "reduce": Categorical(("max", "mean"))}
     batch_invariant = False  # the refresh decision is batch-wide
     description = "refresh LazyMAR's caches when the selection layer's value drift on recomputed tokens exceeds a threshold"
 

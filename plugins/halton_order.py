@@ -22,6 +22,7 @@ import torch
 
 from marcache.hookspecs import hookimpl
 from marcache.plugin import Plugin, register_plugin
+from marcache.search_space import Categorical
 
 
 def radical_inverse(index: int, base: int) -> tuple[int, int]:
@@ -65,6 +66,7 @@ class HaltonOrder(Plugin):
     families = frozenset({"order"})
     conflicts = ("gtr_order",)  # one token order per policy
     Config = HaltonOrderConfig
+    search_space = {"roll": Categorical((False, True))}
     description = "Halton-MaskGIT order: 2-D Halton sequence (bases 2, 3) over the grid, optional per-sample roll"
 
     @hookimpl

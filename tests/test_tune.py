@@ -340,3 +340,20 @@ def test_workers_opening_a_fresh_sqlite_study_wait_for_each_other(tmp_path):
     assert len(opened) == 1 and opened[0].user_attrs["settings"] == {"a": 1}
     again = open_study(url, "s", {"a": 1}, 0)  # a later worker loads the same study
     assert again._study_id == opened[0]._study_id
+
+
+def test_new_methods_declared_spaces_tune_without_failures(tmp_path):
+    """disa, halton_order and drift_refresh over their declared ranges: every trial finishes or is pruned
+    for the one documented reason (drift_refresh needs lazymar_token_cache)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"sampler": {"num_iter": 4, "head_steps": 4},
+                                     "plugins": {"disa": None, "halton_order": None, "lazymar_token_cache": None,
+                                                 "drift_refresh": None}}))
+    out = tmp_path / "out"
+    assert main(tune_args(out, space, "--n-trials", "8")) == 0
+    trials = load_study(out).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    for t in trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert "lazymar_token_cache" in t.user_attrs["pruned"] and not t.params["use.lazymar_token_cache"]
+    assert any(t.params.get("use.disa") and t.state == optuna.trial.TrialState.COMPLETE for t in trials)
