@@ -77,8 +77,12 @@ def registry(monkeypatch):
 
 
 def load_study(out):
-    name = optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}")[0]
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+    from marcache.tuning.study import creation_lock, default_storage
+
+    url = default_storage(out)
+    with creation_lock(url):  # a worker may be creating the schema right now
+        name = optuna.get_all_study_names(url)[0]
+        return optuna.load_study(study_name=name, storage=url)
 
 
 def finished(study):

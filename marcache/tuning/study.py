@@ -79,9 +79,10 @@ def storage_for(url: str):
 
 
 @contextmanager
-def _creation_lock(url: str):
+def creation_lock(url: str):
     """Serialize workers opening one local SQLite study: creating its schema is not atomic in Optuna
-    (two fresh workers both insert the alembic version row and one fails)."""
+    (two fresh workers both insert the alembic version row and one fails). Readers of a study that a
+    worker may be creating (a monitor, a test) take it too."""
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
     try:
         import fcntl
@@ -104,7 +105,7 @@ def open_study(storage_url: str, study_name: str, settings: dict, seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _creation_lock(storage_url):
+    with creation_lock(storage_url):
         storage = storage_for(storage_url)
         study = optuna.create_study(storage=storage, study_name=study_name, directions=DIRECTIONS,
                                     load_if_exists=True)
