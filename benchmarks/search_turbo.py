@@ -78,6 +78,7 @@ CANDIDATES = {
     "v2a: gtr 12/3/1 (25->10)+fts 25+lazymar(2,7)+disa 25->5": V2(25, 10, 25, (25, 5)),
     "v2b: gtr 12/3/1 (20->5)+fts 20+lazymar(2,7)+disa 20->4": V2(20, 5, 20, (20, 4)),
     "v2c: gtr 12/3/1 (15->4)+fts 15+lazymar(2,7)+disa 15->3": V2(15, 4, 15, (15, 3)),
+    "v2d: gtr 12/3/1 (10->3)+fts 10+lazymar(2,7)+disa 10->2": V2(10, 3, 10, (10, 2)),
     "turbo (policies/turbo.yaml)": "turbo",
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="docs/composition_search")
     parser.add_argument("--work", default="runs/composition_search", help="sample shards (resumable)")
-    parser.add_argument("--only", nargs="*", help="candidate names to run besides the baseline (default: all)")
+    parser.add_argument("--only", nargs="*", help="candidate names to run besides the baseline, in this order (default: all)")
     args = parser.parse_args(argv)
 
     import torch
@@ -160,7 +161,10 @@ def main(argv=None) -> int:
     weights = model_fingerprint(model)
     shapes = meta_model("mar_mnist")
     baseline = as_policy(CANDIDATES["baseline"])
-    names = [n for n in CANDIDATES if n == "baseline" or not args.only or n in args.only]
+    unknown = sorted(set(args.only or ()) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"--only: unknown candidate(s) {unknown}")
+    names = ["baseline"] + [n for n in (args.only or CANDIDATES) if n != "baseline"]  # in the order given
     for name in names:
         policy = as_policy(CANDIDATES[name])
         for seed in seeds:
