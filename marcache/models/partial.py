@@ -103,20 +103,34 @@ def _kv_index(pos: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 
 
 def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=False, exact_fresh=True):
-    """One block on query rows ``x [R, q, D]`` at positions ``q_pos``, attending over ``present``."""
+    """One block on query rows ``x [R, q, D]`` at positions ``q_pos``, attending over ``present``.
+
+    ``q_pos=None``: the queries are all positions in order; ``present=None``: attend over all positions
+    (then the cache is read as it is, without a gather: a full pass costs what the plain model costs).
+    """
     attn = block.attn
     h = block.norm1(x)
     q, k, v = attn.project_qkv(h)
-    idx = _kv_index(q_pos, attn.num_heads, attn.head_dim)
-    cache_k.scatter_(2, idx, k.to(cache_k.dtype))
-    cache_v.scatter_(2, idx, v.to(cache_v.dtype))
-    kidx = _kv_index(present, attn.num_heads, attn.head_dim)
-    keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
-    vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
+    if q_pos is None:
+        cache_k.copy_(k)
+        cache_v.copy_(v)
+    else:
+        idx = _kv_index(q_pos, attn.num_heads, attn.head_dim)
+        cache_k.scatter_(2, idx, k.to(cache_k.dtype))
+        cache_v.scatter_(2, idx, v.to(cache_v.dtype))
+    if present is None:
+        keys, vals = cache_k.to(q.dtype), cache_v.to(q.dtype)
+    else:
+        kidx = _kv_index(present, attn.num_heads, attn.head_dim)
+        keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
+        vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
     # the fresh K/V are exact at the query positions (the cache may hold them at lower precision)
     if exact_fresh and cache_k.dtype != q.dtype:
-        slots = _query_slots(present, q_pos, attn)
-        keys, vals = keys.scatter(2, slots, k), vals.scatter(2, slots, v)
+        if q_pos is None:
+            keys, vals = k, v
+        else:
+            slots = _kv_index(q_pos, attn.num_heads, attn.head_dim) if present is None else _query_slots(present, q_pos, attn)
+            keys, vals = keys.scatter(2, slots, k), vals.scatter(2, slots, v)
     out = F.scaled_dot_product_attention(q, keys, vals)
     b, n, c = x.shape
     x = x + attn.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -170,21 +184,23 @@ def cached_forward(model, tokens, mask, class_embedding, cache: FeatureCache, sp
     dec_in.copy_(torch.where(visible.unsqueeze(-1), dec_in, masked_input))
 
     # ---------------------------------------------------------------- decoder
-    all_pos = torch.arange(p, device=device).expand(r, -1)
-    d_pos = all_pos if spec.decoder_queries is None else _per_row(spec.decoder_queries, r)
-    x = gather_positions(dec_in, d_pos)
+    # every decoder query attends over all positions (present=None); ``full`` while the queries are all of them
+    full = spec.decoder_queries is None
+    d_pos = torch.arange(p, device=device).expand(r, -1) if full else _per_row(spec.decoder_queries, r)
+    x = dec_in.clone() if full else gather_positions(dec_in, d_pos)
     sel = spec.selection
     forced = _per_row(sel.forced, r) if sel is not None else None
     for i, block in enumerate(model.decoder_blocks):
+        queries = None if full else d_pos
         if sel is not None and i == sel.layer:
-            x, v_now = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], stop_after_attention=True,
+            x, v_now = _layer(block, x, queries, None, cache.dec_k[i, rows], cache.dec_v[i, rows], stop_after_attention=True,
                               exact_fresh=cache.exact_fresh_kv)
             keep = _select(v_now, d_pos, cache, rows, sel.keep, forced, sel.forced_score)
             x = gather_positions(x, torch.searchsorted(d_pos.contiguous(), keep))
-            d_pos = keep
+            d_pos, full = keep, False
             x = block.mlp_residual(x)
         else:
-            x, _ = _layer(block, x, d_pos, all_pos, cache.dec_k[i, rows], cache.dec_v[i, rows], exact_fresh=cache.exact_fresh_kv)
+            x, _ = _layer(block, x, queries, None, cache.dec_k[i, rows], cache.dec_v[i, rows], exact_fresh=cache.exact_fresh_kv)
     prenorm = cache.prenorm[rows]
     if sel is not None and sel.zero_unselected:
         prenorm.zero_()
