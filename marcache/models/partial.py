@@ -109,8 +109,7 @@ def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=Fals
     (then the cache is read as it is, without a gather: a full pass costs what the plain model costs).
     """
     attn = block.attn
-    h = block.norm1(x)
-    q, k, v = attn.project_qkv(h)
+    q, k, v = attn.project_qkv(block.norm1(x))
     if q_pos is None:
         cache_k.copy_(k)
         cache_v.copy_(v)
@@ -118,17 +117,19 @@ def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=Fals
         idx = _kv_index(q_pos, attn.num_heads, attn.head_dim)
         cache_k.scatter_(2, idx, k.to(cache_k.dtype))
         cache_v.scatter_(2, idx, v.to(cache_v.dtype))
-    if present is None:
-        keys, vals = cache_k.to(q.dtype), cache_v.to(q.dtype)
+    # the fresh K/V are used exactly at the query positions unless exact_fresh is off (the cache may hold
+    # them at lower precision)
+    rounded = not exact_fresh and cache_k.dtype != q.dtype
+    if present is q_pos:  # every attended position is a query (both None: all positions)
+        keys, vals = (k.to(cache_k.dtype).to(q.dtype), v.to(cache_v.dtype).to(q.dtype)) if rounded else (k, v)
     else:
-        kidx = _kv_index(present, attn.num_heads, attn.head_dim)
-        keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
-        vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
-    # the fresh K/V are exact at the query positions (the cache may hold them at lower precision)
-    if exact_fresh and cache_k.dtype != q.dtype:
-        if q_pos is None:
-            keys, vals = k, v
+        if present is None:
+            keys, vals = cache_k.to(q.dtype), cache_v.to(q.dtype)
         else:
+            kidx = _kv_index(present, attn.num_heads, attn.head_dim)
+            keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
+            vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
+        if exact_fresh and cache_k.dtype != q.dtype:
             slots = _kv_index(q_pos, attn.num_heads, attn.head_dim) if present is None else _query_slots(present, q_pos, attn)
             keys, vals = keys.scatter(2, slots, k), vals.scatter(2, slots, v)
     out = F.scaled_dot_product_attention(q, keys, vals)
