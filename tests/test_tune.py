@@ -333,12 +333,12 @@ def test_workers_opening_a_fresh_sqlite_study_wait_for_each_other(tmp_path):
 
     url = default_storage(tmp_path)
     opened = []
-    with open(tmp_path / "study.db.lock", "a") as lock:
+    with open(url[len("sqlite:///"):] + ".lock", "a") as lock:  # the lock creation_lock takes
         fcntl.flock(lock, fcntl.LOCK_EX)
         worker = threading.Thread(target=lambda: opened.append(open_study(url, "s", {"a": 1}, 0)))
         worker.start()
         worker.join(timeout=2)
-        assert worker.is_alive() and not (tmp_path / "study.db").exists()
+        assert worker.is_alive() and not Path(url[len("sqlite:///"):]).exists()
         fcntl.flock(lock, fcntl.LOCK_UN)
     worker.join(timeout=60)
     assert len(opened) == 1 and opened[0].user_attrs["settings"] == {"a": 1}
