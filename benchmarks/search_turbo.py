@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     base = next(r for r in rows if r["name"] == "baseline")
     flags = pareto(rows)
     lines = ["| policy | GFLOP/image | FLOPs ratio | FID (mean) | FID per seed | vs baseline | precision | recall "
-             "| class acc. | PSNR | SSIM | feature dist. | Pareto |", "|---|" * 1 + "---|" * 12]
+             "| class acc. | PSNR | SSIM | feature dist. | Pareto |", "|" + "---|" * 13]
     for r, best in sorted(zip(rows, flags), key=lambda x: x[0]["tflops"]):
         verdict = "" if r is base else judge(r["fid"], base["fid"], max(r["fid_spread"], base["fid_spread"]))
         lines.append(

@@ -119,7 +119,8 @@ def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=Fals
         cache_v.scatter_(2, idx, v.to(cache_v.dtype))
     # the fresh K/V are used exactly at the query positions unless exact_fresh is off (the cache may hold
     # them at lower precision)
-    rounded = not exact_fresh and cache_k.dtype != q.dtype
+    lossy = cache_k.dtype != q.dtype
+    rounded = not exact_fresh and lossy
     if present is q_pos:  # every attended position is a query (both None: all positions)
         keys, vals = (k.to(cache_k.dtype).to(q.dtype), v.to(cache_v.dtype).to(q.dtype)) if rounded else (k, v)
     else:
@@ -129,7 +130,7 @@ def _layer(block, x, q_pos, present, cache_k, cache_v, stop_after_attention=Fals
             kidx = _kv_index(present, attn.num_heads, attn.head_dim)
             keys = torch.gather(cache_k, 2, kidx).to(q.dtype)
             vals = torch.gather(cache_v, 2, kidx).to(q.dtype)
-        if exact_fresh and cache_k.dtype != q.dtype:
+        if exact_fresh and lossy:
             slots = _kv_index(q_pos, attn.num_heads, attn.head_dim) if present is None else _query_slots(present, q_pos, attn)
             keys, vals = keys.scatter(2, slots, k), vals.scatter(2, slots, v)
     out = F.scaled_dot_product_attention(q, keys, vals)
