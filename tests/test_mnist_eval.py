@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from marcache.cli import main
 from marcache.data import load_mnist
-from marcache.errors import MarcacheError
+from marcache.errors import ConfigError, MarcacheError
 from marcache.evaluation import features, metrics, reference, sharded
 from marcache.evaluation.classifier import load_classifier, predict
 from marcache.models.registry import create_model
@@ -53,6 +53,8 @@ def test_extractor_registers_once_and_returns_features_in_order():
 
 
 def test_reference_stats_cached_offline(fidelity_cache, monkeypatch):
+    monkeypatch.delenv("MARCACHE_REFERENCE_SIZE")  # the full 10,000-image reference, as users get it
+    assert len(reference.reference_dataset()) == reference.TEST_SET_SIZE
     x, y = load_mnist("train")
     real = metrics.score_images(x[:300], y[:300], cache_root=fidelity_cache)
     assert all(p.is_file() for p in reference.reference_files(fidelity_cache))
@@ -62,6 +64,18 @@ def test_reference_stats_cached_offline(fidelity_cache, monkeypatch):
     again = metrics.score_images(x[:300], y[:300], cache_root=fidelity_cache)
     assert again["fid"] == pytest.approx(real["fid"], rel=1e-9)
     assert again["precision"] == pytest.approx(real["precision"], rel=1e-9)
+
+
+def test_reference_subset_is_named_and_validated(monkeypatch):
+    monkeypatch.setenv("MARCACHE_REFERENCE_SIZE", "250")
+    assert len(reference.reference_dataset()) == 250
+    assert "-first250-" in reference.reference_name() and reference.mnist_reference_label() == "mnist-test-first250"
+    monkeypatch.delenv("MARCACHE_REFERENCE_SIZE")
+    assert "first" not in reference.reference_name() and reference.mnist_reference_label() == "mnist-test"
+    for bad in ("1", "10001", "abc"):
+        monkeypatch.setenv("MARCACHE_REFERENCE_SIZE", bad)
+        with pytest.raises(ConfigError, match="MARCACHE_REFERENCE_SIZE"):
+            reference.reference_dataset()
 
 
 def test_metrics_separate_real_from_noise():

@@ -4,6 +4,10 @@ user-supplied FID statistics (:func:`load_reference_stats`, e.g. LTH14/mar ``adm
 
 The cache name embeds a digest of the classifier weights, so new weights never reuse stale statistics.
 Cache folder: ``$MARCACHE_CACHE/fidelity`` if set, else ``~/.cache/marcache/fidelity``.
+
+``$MARCACHE_REFERENCE_SIZE=K`` scores against the first K test images instead of all 10,000 (quick
+checks and the test suite: precision/recall cost grows with the square of the reference size). Numbers
+measured that way are not comparable with full-reference ones; the cache name says which was used.
 """
 
 from __future__ import annotations
@@ -49,25 +53,55 @@ def cache_root(root: Optional[str | os.PathLike] = None) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "marcache") / "fidelity"
 
 
+#: images in the MNIST test set (the full reference)
+TEST_SET_SIZE = 10_000
+
+
+def reference_size() -> int:
+    """How many MNIST test images the reference holds: ``$MARCACHE_REFERENCE_SIZE``, else all of them."""
+    raw = os.environ.get("MARCACHE_REFERENCE_SIZE", "").strip()
+    if not raw:
+        return TEST_SET_SIZE
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if not 2 <= size <= TEST_SET_SIZE:
+        raise ConfigError(f"MARCACHE_REFERENCE_SIZE={raw!r}: an integer from 2 to {TEST_SET_SIZE} "
+                          "(or unset for the full test set)")
+    return size
+
+
+def _size_suffix() -> str:
+    size = reference_size()
+    return "" if size == TEST_SET_SIZE else f"-first{size}"
+
+
+def mnist_reference_label() -> str:
+    """How reports name the built-in reference: ``mnist-test``, or ``mnist-test-first<K>`` for a subset."""
+    return f"mnist-test{_size_suffix()}"
+
+
 def reference_name(classifier_path: Optional[str | os.PathLike] = None) -> str:
     """Cache name of the MNIST test-set reference in the given classifier's feature space."""
     from ..weights import classifier_path as shipped
     from .classifier import weights_digest
 
-    return f"mnist-test-{weights_digest(classifier_path or shipped())}"
+    return f"mnist-test{_size_suffix()}-{weights_digest(classifier_path or shipped())}"
 
 
 def inception_reference_name() -> str:
     """Cache name of the MNIST test-set reference in the converted FID Inception space."""
     from .inception import SOURCE_SHA1
 
-    return f"mnist-test-fidinception-{SOURCE_SHA1[:8]}"
+    return f"mnist-test{_size_suffix()}-fidinception-{SOURCE_SHA1[:8]}"
 
 
 def reference_dataset() -> UInt8Images:
+    """The reference images: the MNIST test set, or its first ``$MARCACHE_REFERENCE_SIZE`` images."""
     from ..data import load_mnist
 
-    return UInt8Images(load_mnist("test")[0])
+    return UInt8Images(load_mnist("test")[0][:reference_size()])
 
 
 def reference_files(root: Optional[str | os.PathLike] = None, classifier_path=None) -> list[Path]:

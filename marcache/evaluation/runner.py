@@ -44,7 +44,7 @@ def _check_scoring(num_classes: int, features: Optional[str], reference_stats, i
     reported before the samples are generated.
     """
     from .metrics import FEATURE_SPACES, feature_dim
-    from .reference import load_reference_stats
+    from .reference import load_reference_stats, reference_size
 
     if features is None:
         features = "mnist" if num_classes == 10 else "inception"
@@ -63,6 +63,8 @@ def _check_scoring(num_classes: int, features: Optional[str], reference_stats, i
         raise ConfigError("--classifier applies to --features mnist only")
     dim = feature_dim(features, inception_layer)
     stats = load_reference_stats(reference_stats, dim, features) if reference_stats is not None else None
+    if stats is None:
+        reference_size()  # a bad $MARCACHE_REFERENCE_SIZE fails now, not after the samples
     if features == "inception":
         from .inception import weights_path
 
@@ -99,6 +101,7 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
     from ..policy import ResolvedPolicy, load_policy
     from ..scheduler import Sampler
     from .metrics import score_images
+    from .reference import mnist_reference_label
 
     if num_samples < 2:
         raise ConfigError("--num-samples must be >= 2")
@@ -162,7 +165,7 @@ def evaluate(model, policy="baseline", num_samples: int = DEFAULT_NUM_SAMPLES, s
             metrics = score_images(data["images"], data["labels"], cache_root=cache_root,
                                    classifier_path=classifier_path, features=features, reference_stats=ref_stats,
                                    inception_layer=inception_layer)
-            metrics.update(features=features, reference=ref_stats.source if ref_stats is not None else "mnist-test")
+            metrics.update(features=features, reference=ref_stats.source if ref_stats is not None else mnist_reference_label())
         if reference_policy is not None:
             from .fidelity import compare_images
 
