@@ -35,15 +35,15 @@ HEAD = [{"name": "lazymar_head", "params": {"scale_with_head_steps": False}}]
 GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0], "head_max": 25, "head_min": 10, "head_rec": 10}}]
 
 
-def V2(head_max, head_min, detail, disa, cache_dtype="float16"):
+def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2):
     """turbo v2 family: GtR at 12/3/1 steps on 16x16 (3/1/1 on 7x7) with its head ramp, FTS, LazyMAR's
     feature caches refreshed once after warm-up on 16 steps, and DiSA's annealed cap."""
     return [{"name": "gtr_order"},
             {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": head_max,
                                                 "head_min": head_min, "head_rec": head_min}},
             {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}},
-            {"name": "lazymar_token_cache", "params": {"warmup_steps": 2, "refresh_interval": 7, "cache_dtype": cache_dtype}},
-            {"name": "lazymar_cond_cache", "params": {"warmup_steps": 2, "refresh_interval": 7}},
+            {"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": 7, "cache_dtype": cache_dtype}},
+            {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": 7}},
             {"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}}]
 
 
@@ -79,12 +79,15 @@ CANDIDATES = {
     "v2b: gtr 12/3/1 (20->5)+fts 20+lazymar(2,7)+disa 20->4": V2(20, 5, 20, (20, 4)),
     "v2c: gtr 12/3/1 (15->4)+fts 15+lazymar(2,7)+disa 15->3": V2(15, 4, 15, (15, 3)),
     "v2d: gtr 12/3/1 (10->3)+fts 10+lazymar(2,7)+disa 10->2": V2(10, 3, 10, (10, 2)),
-    "turbo (policies/turbo.yaml)": "turbo",
+    "turbo v2 (policies/turbo_v2.yaml)": "turbo_v2",
     # v3 family (run-3 weights and later): a float32 feature cache (faster on CPU, exact) and higher head floors
     "v3a: v2c with a float32 cache": V2(15, 4, 15, (15, 3), "float32"),
     "v3b: gtr (15->5)+fts 15+lazymar(2,7) f32+disa 15->5": V2(15, 5, 15, (15, 5), "float32"),
     "v3c: gtr (20->6)+fts 20+lazymar(2,7) f32+disa 20->6": V2(20, 6, 20, (20, 6), "float32"),
     "v3d: gtr (25->8)+fts 25+lazymar(2,7) f32+disa 25->8": V2(25, 8, 25, (25, 8), "float32"),
+    "v3e: gtr (15->5)+fts 15+lazymar(1,7) f32+disa 15->5": V2(15, 5, 15, (15, 5), "float32", warmup=1),
+    "v3f: gtr (15->6)+fts 15+lazymar(1,7) f32+disa 15->6": V2(15, 6, 15, (15, 6), "float32", warmup=1),
+    "turbo (policies/turbo.yaml)": "turbo",  # v3 = v3e
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},

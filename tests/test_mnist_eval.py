@@ -78,6 +78,15 @@ def test_reference_subset_is_named_and_validated(monkeypatch):
             reference.reference_dataset()
 
 
+def test_bad_reference_size_stops_eval_before_generating(tiny_checkpoint, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MARCACHE_REFERENCE_SIZE", "0")
+    rc = main(["eval", "--model", "mar_tiny", "--checkpoint", str(tiny_checkpoint), "--num-samples", "4",
+               "--out", str(tmp_path / "e"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "MARCACHE_REFERENCE_SIZE='0'" in err[0]
+    assert not (tmp_path / "e").exists()
+
+
 def test_metrics_separate_real_from_noise():
     x, y = load_mnist("train")
     ref = load_mnist("test")[0][:400]
