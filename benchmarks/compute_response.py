@@ -30,14 +30,18 @@ from marcache.cli import add_model_args, build_model
 METRICS = ("fid", "precision", "recall", "class_accuracy", "inception_score", "images_per_second")
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def _seeds(text: str) -> list[int]:
+    return _ints(text, minimum=0)
 
 
 def measure(model, ar_steps, head_steps, seeds, num_samples, out, batch_size=100, cache_root=None, progress=True):
@@ -45,15 +49,17 @@ def measure(model, ar_steps, head_steps, seeds, num_samples, out, batch_size=100
     from marcache.evaluation.sweep import sweep
     from marcache.policy import load_policy
 
-    settings = load_policy("baseline").sampler_settings(model)
-    default_ar, default_head = int(settings["num_iter"]), int(settings["head_steps"])
-    plan = [("ar", k, f"sampler.num_iter={k}") for k in sorted(set(ar_steps) | {default_ar})]
-    plan += [("head", h, f"sampler.head_steps={h}") for h in sorted(set(head_steps) | {default_head})]
-    results = sweep(model, [(f"{s}{v}", [o]) for s, v, o in plan], seeds, num_samples, out, batch_size,
-                    cache_root=cache_root, progress=progress)
+    defaults = load_policy("baseline").sampler_settings(model)
+    default_ar, default_head = int(defaults["num_iter"]), int(defaults["head_steps"])
+    plan = [("ar", k, f"ar{k}", f"sampler.num_iter={k}") for k in sorted(set(ar_steps) | {default_ar})]
+    # the default head setting is the default AR setting: sampled once, under its AR label
+    plan += [("head", h, f"ar{default_ar}" if h == default_head else f"head{h}", f"sampler.head_steps={h}")
+             for h in sorted(set(head_steps) | {default_head})]
+    settings = list({label: (label, [override]) for _, _, label, override in plan}.values())
+    results = sweep(model, settings, seeds, num_samples, out, batch_size, cache_root=cache_root, progress=progress)
     rows = []
-    for sweep_name, value, _ in plan:
-        r = results[f"{sweep_name}{value}"]
+    for sweep_name, value, label, _ in plan:
+        r = results[label]
         rows.append({"sweep": sweep_name, "value": value, "fid_mean": r["fid"], "fid_range": r["fid_spread"],
                      "per_seed": {seed: {k: (r[f"{k}_per_seed"][i] if f"{k}_per_seed" in r else r.get(k))
                                          for k in METRICS} for i, seed in enumerate(seeds)},
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
     add_model_args(p)  # --model/--checkpoint/--weights/--vae as in `marcache eval` (default: the shipped mar_mnist)
     p.add_argument("--ar-steps", type=_ints, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--head-steps", type=_ints, default=[5, 10, 25, 50, 100])
-    p.add_argument("--seeds", type=_ints, default=[0, 1])
+    p.add_argument("--seeds", type=_seeds, default=[0, 1])
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)

@@ -28,6 +28,10 @@ def test_end_to_end_on_tiny_model(compute_response, tmp_path):
     assert [(r["sweep"], r["value"], r["default"]) for r in results["rows"]] == [
         ("ar", 1, False), ("ar", 2, True), ("head", 5, False), ("head", 10, True)]
     assert all(set(r["per_seed"]) == {0, 1} for r in results["rows"])
+    # the default setting is sampled once and serves both sweeps
+    assert sorted(d.name for d in (tmp_path / "runs").iterdir() if d.is_dir()) == ["ar1-s0", "ar1-s1", "ar2-s0", "ar2-s1",
+                                                                                   "head5-s0", "head5-s1"]
+    assert results["rows"][1]["per_seed"] == results["rows"][3]["per_seed"]
     decision = compute_response.write(results, tmp_path / "docs")
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["verdict"]["passes"] == decision["passes"]
@@ -49,3 +53,9 @@ def test_verdict(compute_response, ar_fids, head_fids, passes):
     rows = [_row("ar", v, f, default=(v == 4)) for v, f in zip((1, 2, 4), ar_fids)]
     rows += [_row("head", v, f, default=(v == 50)) for v, f in zip((5, 50), head_fids)]
     assert compute_response.verdict({"rows": rows})["passes"] is passes
+
+
+def test_seed_zero_is_accepted_and_step_counts_must_be_positive(compute_response):
+    assert compute_response._seeds("0,1") == [0, 1]  # the documented default command passes --seeds 0,1
+    with pytest.raises(Exception, match=">= 1"):
+        compute_response._ints("0,4")
