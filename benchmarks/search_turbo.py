@@ -220,7 +220,8 @@ def main(argv=None) -> int:
             f"{' / '.join(f'{v:.2f}' for v in r['fid_per_seed'])} | {verdict} | {r['precision']:.3f} | "
             f"{r['recall']:.3f} | {r['class_accuracy']:.4f} | {fmt(r.get('psnr'), '.2f')} | "
             f"{fmt(r.get('ssim'), '.3f')} | {fmt(r.get('feature_distance'), '.4f')} | {'yes' if best else ''} |")
-    header = (f"mar_mnist weights `{weights}`, N = {args.num_samples} samples per seed, seeds "
+    sampling = ", ".join(f"{k} {v}" for k, v in model.sampling_defaults.items())
+    header = (f"mar_mnist weights `{weights}` (sampling defaults: {sampling}), N = {args.num_samples} samples per seed, seeds "
               f"{', '.join(map(str, seeds))}, batch {args.batch_size}. A FID difference within the larger seed spread "
               f"of the two policies is a tie. PSNR (dB) / SSIM / feature distance: mean over images and seeds "
               f"against the baseline's image of the same seed and label, for policies that keep its order and "
