@@ -36,8 +36,8 @@ GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": 
 
 
 def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2):
-    """turbo v2 family: GtR at 12/3/1 steps on 16x16 (3/1/1 on 7x7) with its head ramp, FTS, LazyMAR's
-    feature caches refreshed once after warm-up on 16 steps, and DiSA's annealed cap."""
+    """turbo v2/v3 family: GtR at 12/3/1 steps on 16x16 (3/1/1 on 7x7) with its head ramp, FTS, LazyMAR's
+    feature caches (``warmup`` steps, refreshed every 7, stored as ``cache_dtype``), and DiSA's annealed cap."""
     return [{"name": "gtr_order"},
             {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": head_max,
                                                 "head_min": head_min, "head_rec": head_min}},
@@ -85,9 +85,8 @@ CANDIDATES = {
     "v3b: gtr (15->5)+fts 15+lazymar(2,7) f32+disa 15->5": V2(15, 5, 15, (15, 5), "float32"),
     "v3c: gtr (20->6)+fts 20+lazymar(2,7) f32+disa 20->6": V2(20, 6, 20, (20, 6), "float32"),
     "v3d: gtr (25->8)+fts 25+lazymar(2,7) f32+disa 25->8": V2(25, 8, 25, (25, 8), "float32"),
-    "v3e: gtr (15->5)+fts 15+lazymar(1,7) f32+disa 15->5": V2(15, 5, 15, (15, 5), "float32", warmup=1),
     "v3f: gtr (15->6)+fts 15+lazymar(1,7) f32+disa 15->6": V2(15, 6, 15, (15, 6), "float32", warmup=1),
-    "turbo (policies/turbo.yaml)": "turbo",  # v3 = v3e
+    "turbo (policies/turbo.yaml)": "turbo",  # v3: V2(15, 5, 15, (15, 5), "float32", warmup=1), called v3e in docs
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
