@@ -35,16 +35,20 @@ HEAD = [{"name": "lazymar_head", "params": {"scale_with_head_steps": False}}]
 GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0], "head_max": 25, "head_min": 10, "head_rec": 10}}]
 
 
-def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2):
-    """turbo v2/v3 family: GtR at 12/3/1 steps on 16x16 (3/1/1 on 7x7) with its head ramp, FTS, LazyMAR's
-    feature caches (``warmup`` steps, refreshed every 7, stored as ``cache_dtype``), and DiSA's annealed cap."""
-    return [{"name": "gtr_order"},
-            {"name": "gtr_schedule", "params": {"rates": [5.3334, 21.3334, 128.0], "head_max": head_max,
-                                                "head_min": head_min, "head_rec": head_min}},
-            {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}},
-            {"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": 7, "cache_dtype": cache_dtype}},
-            {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": 7}},
-            {"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}}]
+def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0)):
+    """turbo v2/v3/v4 family: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
+    LazyMAR's feature caches (``warmup`` steps, refreshed every ``refresh``, stored as ``cache_dtype``), and
+    DiSA's annealed cap (``disa=None``: no DiSA)."""
+    plugins = [{"name": "gtr_order"},
+               {"name": "gtr_schedule", "params": {"rates": list(rates), "head_max": head_max,
+                                                   "head_min": head_min, "head_rec": head_min}},
+               {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}},
+               {"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh,
+                                                          "cache_dtype": cache_dtype}},
+               {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh}}]
+    if disa:
+        plugins.append({"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}})
+    return plugins
 
 
 CANDIDATES = {
@@ -87,6 +91,12 @@ CANDIDATES = {
     "v3d: gtr (25->8)+fts 25+lazymar(2,7) f32+disa 25->8": V2(25, 8, 25, (25, 8), "float32"),
     "v3f: gtr (15->6)+fts 15+lazymar(1,7) f32+disa 15->6": V2(15, 6, 15, (15, 6), "float32", warmup=1),
     "turbo (policies/turbo.yaml)": "turbo",  # v3: V2(15, 5, 15, (15, 5), "float32", warmup=1), called v3e in docs
+    # v4 family (run-4 weights): head floors of 8-10 (5 head steps cost ~12 FID on the run-4 model,
+    # docs/compute_response), paid for by a longer cache refresh (9) or fewer GtR steps; all >= 10x on MAR-H
+    "v4a: gtr (12->8)+fts 15+lazymar(1,9) f32": V2(12, 8, 15, None, "float32", warmup=1, refresh=9),
+    "v4b: gtr 10/2/1 (10->10)+fts 15+lazymar(1,9) f32": V2(10, 10, 15, None, "float32", warmup=1, refresh=9,
+                                                           rates=(6.4, 32.0, 128.0)),
+    "v4c: gtr (15->8)+fts 15+lazymar(1,9) f32": V2(15, 8, 15, None, "float32", warmup=1, refresh=9),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
