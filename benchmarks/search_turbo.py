@@ -35,17 +35,19 @@ HEAD = [{"name": "lazymar_head", "params": {"scale_with_head_steps": False}}]
 GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0], "head_max": 25, "head_min": 10, "head_rec": 10}}]
 
 
-def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0)):
+def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0),
+       cache=True):
     """turbo v2/v3/v4 family: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
     LazyMAR's feature caches (``warmup`` steps, refreshed every ``refresh``, stored as ``cache_dtype``), and
-    DiSA's annealed cap (``disa=None``: no DiSA)."""
+    DiSA's annealed cap (``disa=None``: no DiSA; ``cache=False``: no LazyMAR caches)."""
     plugins = [{"name": "gtr_order"},
                {"name": "gtr_schedule", "params": {"rates": list(rates), "head_max": head_max,
                                                    "head_min": head_min, "head_rec": head_min}},
-               {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}},
-               {"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh,
-                                                          "cache_dtype": cache_dtype}},
-               {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh}}]
+               {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}}]
+    if cache:
+        plugins += [{"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh,
+                                                               "cache_dtype": cache_dtype}},
+                    {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh}}]
     if disa:
         plugins.append({"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}})
     return plugins
@@ -97,6 +99,9 @@ CANDIDATES = {
     "v4b: gtr 10/2/1 (10->10)+fts 15+lazymar(1,9) f32": V2(10, 10, 15, None, "float32", warmup=1, refresh=9,
                                                            rates=(6.4, 32.0, 128.0)),
     "v4c: gtr (15->8)+fts 15+lazymar(1,9) f32": V2(15, 8, 15, None, "float32", warmup=1, refresh=9),
+    # which part costs the quality: v4a without the caches, and with turbo v1's cache schedule
+    "v4a without caches: gtr (12->8)+fts 15": V2(12, 8, 15, None, cache=False),
+    "v4d: gtr (12->8)+fts 15+lazymar(2,3) f32": V2(12, 8, 15, None, "float32", warmup=2, refresh=3),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
