@@ -102,6 +102,10 @@ CANDIDATES = {
     # which part costs the quality: v4a without the caches, and with turbo v1's cache schedule
     "v4a without caches: gtr (12->8)+fts 15": V2(12, 8, 15, None, cache=False),
     "v4d: gtr (12->8)+fts 15+lazymar(2,3) f32": V2(12, 8, 15, None, "float32", warmup=2, refresh=3),
+    "v4a token cache only": V2(12, 8, 15, None, cache=False) + [
+        {"name": "lazymar_token_cache", "params": {"warmup_steps": 1, "refresh_interval": 9, "cache_dtype": "float32"}}],
+    "v4a condition cache only": V2(12, 8, 15, None, cache=False) + [
+        {"name": "lazymar_cond_cache", "params": {"warmup_steps": 1, "refresh_interval": 9}}],
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
