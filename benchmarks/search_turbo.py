@@ -36,18 +36,19 @@ GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": 
 
 
 def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0),
-       cache=True):
+       cache=True, jump=None):
     """turbo v2/v3/v4 family: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
     LazyMAR's feature caches (``warmup`` steps, refreshed every ``refresh``, stored as ``cache_dtype``), and
-    DiSA's annealed cap (``disa=None``: no DiSA; ``cache=False``: no LazyMAR caches)."""
+    DiSA's annealed cap (``disa=None``: no DiSA; ``cache=False``: no LazyMAR caches; ``jump``: the caches'
+    ``jump_refresh``)."""
     plugins = [{"name": "gtr_order"},
                {"name": "gtr_schedule", "params": {"rates": list(rates), "head_max": head_max,
                                                    "head_min": head_min, "head_rec": head_min}},
                {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}}]
     if cache:
-        plugins += [{"name": "lazymar_token_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh,
-                                                               "cache_dtype": cache_dtype}},
-                    {"name": "lazymar_cond_cache", "params": {"warmup_steps": warmup, "refresh_interval": refresh}}]
+        schedule = {"warmup_steps": warmup, "refresh_interval": refresh, "jump_refresh": jump}
+        plugins += [{"name": "lazymar_token_cache", "params": {**schedule, "cache_dtype": cache_dtype}},
+                    {"name": "lazymar_cond_cache", "params": schedule}]
     if disa:
         plugins.append({"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}})
     return plugins
@@ -106,6 +107,10 @@ CANDIDATES = {
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 1, "refresh_interval": 9, "cache_dtype": "float32"}}],
     "v4a condition cache only": V2(12, 8, 15, None, cache=False) + [
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 1, "refresh_interval": 9}}],
+    # v5: the caches refreshed at GtR's stage jumps (jump_refresh 1.5) instead of every 9 steps
+    "v5a: gtr (12->8)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(12, 8, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
+    "v5b: gtr 10/2/1 (10->8)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(10, 8, 15, None, "float32", warmup=1, refresh=100,
+                                                                     jump=1.5, rates=(6.4, 32.0, 128.0)),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},

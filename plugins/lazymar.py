@@ -1,7 +1,10 @@
 """LazyMAR (arXiv 2503.12450, feihongyan1/LazyMAR): token cache and condition cache.
 
 Step types: step ``s`` is *full* if ``s < warmup_steps`` or ``(s - warmup_steps) % refresh_interval == 0``
-(released: 5 and 9, i.e. {0..5, 14, 23, 32, 41, 50, 59} at 64 steps); other steps are *lazy*.
+(released: 5 and 9, i.e. {0..5, 14, 23, 32, 41, 50, 59} at 64 steps); other steps are *lazy*. Optionally
+(``jump_refresh``, not in the release) a step that reveals at least ``jump_refresh`` times as many tokens
+as the step before is full too: under a stepped schedule (GtR's stages) the context changes most at the
+jumps, and a stale cache is then reused for the most tokens.
 
 * ``lazymar_token_cache``: full steps recompute everything and refill the per-layer K/V caches, the
   decoder-input cache and the selection layer's values. Lazy steps run the encoder only on the buffer
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -61,12 +64,22 @@ def keep_ratio(table: List[float], step: int, num_steps: int) -> float:
 class LazyScheduleConfig:
     warmup_steps: int = 5
     refresh_interval: int = 9
+    jump_refresh: Optional[float] = None  # also full where tokens revealed >= this x the previous step's; None: off
 
     def __post_init__(self):
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 1 (the first step builds the caches)")
         if self.refresh_interval < 1:
             raise ValueError(f"refresh_interval={self.refresh_interval}: must be >= 1")
+        if self.jump_refresh is not None and not self.jump_refresh > 1.0:
+            raise ValueError(f"jump_refresh={self.jump_refresh}: must be > 1 (a ratio of tokens per step) or null")
+
+    def is_full(self, step) -> bool:
+        """Whether ``step`` (a :class:`~marcache.state.StepState`) is a full pass."""
+        if is_full_step(step.step, self.warmup_steps, self.refresh_interval):
+            return True
+        counts = step.gen.tokens_per_step
+        return self.jump_refresh is not None and counts[step.step] >= self.jump_refresh * counts[step.step - 1]
 
 
 @dataclass
@@ -102,7 +115,7 @@ def _check_schedules_agree(policy, plugin) -> None:
     others = {p.name: p.params for p in policy.plugins}
     other = {"lazymar_token_cache": "lazymar_cond_cache", "lazymar_cond_cache": "lazymar_token_cache"}[plugin.name]
     if other in others:
-        for key in ("warmup_steps", "refresh_interval"):
+        for key in ("warmup_steps", "refresh_interval", "jump_refresh"):
             mine = getattr(plugin.config, key)
             theirs = others[other].get(key, getattr(LazyScheduleConfig(), key))
             if mine != theirs:
@@ -136,7 +149,7 @@ class LazyMARTokenCache(Plugin):
         plan.mode, plan.owner = "cached", self.name
         plan.cache = shared_feature_cache(step.store, CACHE_DTYPES[cfg.cache_dtype])
         plan.cache.exact_fresh_kv = not cfg.round_fresh_kv
-        if is_full_step(step.step, cfg.warmup_steps, cfg.refresh_interval):
+        if cfg.is_full(step):
             # full pass: refill every cache, record the selection layer's values (keep = all)
             forced = torch.zeros(step.gen.batch_size, positions, dtype=torch.bool, device=step.mask.device)
             plan.spec = CachedPass(selection=TokenSelection(self.selection_layer, positions, forced))
@@ -157,7 +170,7 @@ class LazyMARTokenCache(Plugin):
     def marcache_step_end(self, step, record):
         cache = feature_cache_of(step.store)
         kept = getattr(cache, "last_decoder_positions", None)
-        if self.config.forced_score == "lowest" or kept is None or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+        if self.config.forced_score == "lowest" or kept is None or self.config.is_full(step):
             return
         # under the released score 0 a predicted position can be displaced: count it (a host sync, release mode only)
         b = step.gen.batch_size
@@ -194,7 +207,7 @@ class LazyMARCondCache(Plugin):
         if plan.mode == "full":  # alone: the official path cannot run one branch; use a full cached pass
             plan.mode, plan.spec = "cached", CachedPass()
             plan.cache = shared_feature_cache(step.store)
-        if is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval):
+        if self.config.is_full(step):
             self.engagement["full_steps"] += 1
             return
         diff = step.store.get(self.name, "diff")
@@ -205,7 +218,7 @@ class LazyMARCondCache(Plugin):
     def marcache_step_end(self, step, record):
         # a refresh requested by another plugin (drift_refresh) also renews the difference
         refreshed = step.store.get(STORE_NAMESPACE, "refreshed_step") == step.step
-        if step.gen.guided and (refreshed or is_full_step(step.step, self.config.warmup_steps, self.config.refresh_interval)):
+        if step.gen.guided and (refreshed or self.config.is_full(step)):
             cache = feature_cache_of(step.store)
             b = step.gen.batch_size
             step.store.put(self.name, "diff", cache.prenorm[b:] - cache.prenorm[:b])

@@ -159,6 +159,33 @@ def test_lazymar_batch_invariant_and_without_guidance(model):
     assert uncond.report["engagement"]["lazymar_cond_cache"] == {"inactive_without_guidance": 10}
 
 
+def test_lazymar_jump_refresh_runs_full_at_schedule_jumps(model):
+    """GtR's stepped schedule on 4x4 reveals 1, 1, 1, 1, 2, 2, 8 tokens: jump_refresh 1.5 adds full passes at
+    steps 4 and 6 to the fixed schedule's 0 and 1 (warm-up 1, refresh never), in both caches."""
+    gtr = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [1.0, 2.0, 64.0], "head_schedule": False}}]
+
+    def run(jump):
+        schedule = {"warmup_steps": 1, "refresh_interval": 100, "jump_refresh": jump}
+        policy = resolve_policy({"sampler": {"head_steps": 4}, "plugins": gtr + [
+            {"name": "lazymar_token_cache", "params": {**schedule, "cache_dtype": "float32"}},
+            {"name": "lazymar_cond_cache", "params": schedule}]})
+        result = Sampler(model, policy).generate(labels=[1, 4], seed=3)
+        assert [s["tokens"] for s in result.report["steps"]] == [1, 1, 1, 1, 2, 2, 8]
+        return result, [s["step"] for s in result.report["steps"] if s["encoder"][0]["rows"] == 4]  # both branches
+
+    jumped, full = run(1.5)
+    assert full == [0, 1, 4, 6]
+    assert jumped.report["engagement"]["lazymar_cond_cache"] == {"full_steps": 4, "cond_only_steps": 3}
+    plain, full = run(None)
+    assert full == [0, 1]
+    assert jumped.report["flops"]["flops_per_image"] > plain.report["flops"]["flops_per_image"]
+    with pytest.raises(ConfigError, match=r"jump_refresh=1.0: must be > 1"):
+        resolve_policy({"plugins": [{"name": "lazymar_token_cache", "params": {"jump_refresh": 1.0}}]})
+    with pytest.raises(ConfigError, match="jump_refresh=1.5 differs from lazymar_cond_cache.jump_refresh=None"):
+        Sampler(model, resolve_policy({"plugins": [{"name": "lazymar_token_cache", "params": {"jump_refresh": 1.5}},
+                                                   {"name": "lazymar_cond_cache"}]}))
+
+
 def test_lazymar_config_errors(model):
     with pytest.raises(ConfigError, match="refresh_interval=9 differs from lazymar_cond_cache.refresh_interval=4"):
         Sampler(model, resolve_policy({"plugins": [
