@@ -113,6 +113,7 @@ CANDIDATES = {
                                                                      jump=1.5, rates=(6.4, 32.0, 128.0)),
     "v5c: gtr (12->7)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(12, 7, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
     "v5d: gtr (10->7)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(10, 7, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
+    "v5e: gtr (10->8)+fts 10+lazymar(1,inf,jump 1.5) f32": V2(10, 8, 10, None, "float32", warmup=1, refresh=100, jump=1.5),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
