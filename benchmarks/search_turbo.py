@@ -36,19 +36,20 @@ GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": 
 
 
 def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0),
-       cache=True, jump=None):
+       caches=("token", "cond"), jump=None):
     """turbo v2/v3/v4 family: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
     LazyMAR's feature caches (``warmup`` steps, refreshed every ``refresh``, stored as ``cache_dtype``), and
-    DiSA's annealed cap (``disa=None``: no DiSA; ``cache=False``: no LazyMAR caches; ``jump``: the caches'
+    DiSA's annealed cap (``disa=None``: no DiSA; ``caches``: which LazyMAR caches; ``jump``: their
     ``jump_refresh``)."""
     plugins = [{"name": "gtr_order"},
                {"name": "gtr_schedule", "params": {"rates": list(rates), "head_max": head_max,
                                                    "head_min": head_min, "head_rec": head_min}},
                {"name": "fts", "params": {"beta": 0.10, "detail_steps": detail}}]
-    if cache:
-        schedule = {"warmup_steps": warmup, "refresh_interval": refresh, "jump_refresh": jump}
-        plugins += [{"name": "lazymar_token_cache", "params": {**schedule, "cache_dtype": cache_dtype}},
-                    {"name": "lazymar_cond_cache", "params": schedule}]
+    schedule = {"warmup_steps": warmup, "refresh_interval": refresh, "jump_refresh": jump}
+    if "token" in caches:
+        plugins.append({"name": "lazymar_token_cache", "params": {**schedule, "cache_dtype": cache_dtype}})
+    if "cond" in caches:
+        plugins.append({"name": "lazymar_cond_cache", "params": schedule})
     if disa:
         plugins.append({"name": "disa", "params": {"upper_steps": disa[0], "lower_steps": disa[1]}})
     return plugins
@@ -101,12 +102,10 @@ CANDIDATES = {
                                                            rates=(6.4, 32.0, 128.0)),
     "v4c: gtr (15->8)+fts 15+lazymar(1,9) f32": V2(15, 8, 15, None, "float32", warmup=1, refresh=9),
     # which part costs the quality: v4a without the caches, and with turbo v1's cache schedule
-    "v4a without caches: gtr (12->8)+fts 15": V2(12, 8, 15, None, cache=False),
+    "v4a without caches: gtr (12->8)+fts 15": V2(12, 8, 15, None, caches=()),
     "v4d: gtr (12->8)+fts 15+lazymar(2,3) f32": V2(12, 8, 15, None, "float32", warmup=2, refresh=3),
-    "v4a token cache only": V2(12, 8, 15, None, cache=False) + [
-        {"name": "lazymar_token_cache", "params": {"warmup_steps": 1, "refresh_interval": 9, "cache_dtype": "float32"}}],
-    "v4a condition cache only": V2(12, 8, 15, None, cache=False) + [
-        {"name": "lazymar_cond_cache", "params": {"warmup_steps": 1, "refresh_interval": 9}}],
+    "v4a token cache only": V2(12, 8, 15, None, "float32", warmup=1, refresh=9, caches=("token",)),
+    "v4a condition cache only": V2(12, 8, 15, None, "float32", warmup=1, refresh=9, caches=("cond",)),
     # v5: the caches refreshed at GtR's stage jumps (jump_refresh 1.5) instead of every 9 steps
     "v5a: gtr (12->8)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(12, 8, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
     "v5b: gtr 10/2/1 (10->8)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(10, 8, 15, None, "float32", warmup=1, refresh=100,
