@@ -48,10 +48,12 @@ def _row(sweep, value, fids, default=False):
     ([[40, 42], [20, 21], [10, 11]], [[30, 31], [10, 11]], True),     # clear, monotone response
     ([[11.5, 12.5], [11, 12], [10, 11]], [[30, 31], [10, 11]], False),  # 1 step within 2x spread of the default
     ([[40, 42], [10, 11], [20, 21]], [[30, 31], [10, 11]], False),    # rises by more than the spread
+    ([[40, 42], [20, 21], [10, 11]], [[30, 31], [10, 11], [15, 16]], False),  # worse beyond the default
+    ([[40, 42], [20, 21], [10, 11]], [[30, 31], [10, 11], [10.5, 11]], True),  # plateau beyond the default
 ])
 def test_verdict(compute_response, ar_fids, head_fids, passes):
     rows = [_row("ar", v, f, default=(v == 4)) for v, f in zip((1, 2, 4), ar_fids)]
-    rows += [_row("head", v, f, default=(v == 50)) for v, f in zip((5, 50), head_fids)]
+    rows += [_row("head", v, f, default=(v == 50)) for v, f in zip((5, 50, 100), head_fids)]
     assert compute_response.verdict({"rows": rows})["passes"] is passes
 
 

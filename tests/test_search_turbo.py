@@ -1,0 +1,46 @@
+"""benchmarks/search_turbo.py end to end on the shipped mar_mnist (a few samples): one process per seed,
+then the table from both; fidelity for every candidate, judged only where the order is kept."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hostile import cache_root
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_turbo.py"
+
+
+@pytest.fixture(scope="module")
+def search_turbo():
+    spec = importlib.util.spec_from_file_location("search_turbo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_shipped_policy_is_a_candidate(search_turbo):
+    shipped = {p.stem for p in (SCRIPT.parents[1] / "policies").glob("*.yaml")} - {"baseline"}
+    assert shipped <= {v for v in search_turbo.CANDIDATES.values() if isinstance(v, str)}
+
+
+def test_per_seed_processes_then_table(search_turbo, tmp_path):
+    common = ["--num-samples", "6", "--batch-size", "3", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+              "--cache-root", str(cache_root()), "--only", "shipped: recap", "shipped: halton"]
+    for seed in ("0", "1"):  # as two processes would, one per core
+        assert search_turbo.main([*common, "--seeds", seed]) == 0
+    assert not (tmp_path / "out" / "pareto.md").exists()  # one seed: no spread, no table
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results) == 6  # 3 policies x 2 seeds, neither process lost the other's rows
+    shards = sorted((tmp_path / "work").rglob("*.npz"))
+    assert search_turbo.main([*common, "--seeds", "0,1"]) == 0
+    assert sorted((tmp_path / "work").rglob("*.npz")) == shards  # nothing sampled again
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+            (tmp_path / "out" / "pareto.md").read_text().splitlines() if line.startswith("| ")}
+    header = rows.pop("policy")
+    col = {name.strip("| "): i for i, name in enumerate(header)}
+    assert rows["shipped: recap"][col["same order"]] == "yes"
+    assert rows["shipped: halton"][col["same order"]] == "no"
+    for name in ("shipped: recap", "shipped: halton"):
+        assert float(rows[name][col["PSNR"]]) > 0 and 0 < float(rows[name][col["SSIM"]]) <= 1
