@@ -56,6 +56,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (ramped as min(ema, (1+s)/(10+s)))")
     p.add_argument("--diffusion-batch-mul", type=int, default=2)
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: forward pass under CPU bfloat16 autocast (weights, AdamW and EMA stay float32); "
+                        "faster only on CPUs with AMX / AVX512-BF16, see docs/mnist.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--save-every-min", type=float, default=5.0, help="checkpoint interval in minutes")
@@ -207,7 +210,8 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = model(x_all[idx], y_all[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                loss = model(x_all[idx], y_all[idx])
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)

@@ -70,3 +70,16 @@ def test_cosine_schedule_and_init(tmp_path):
                         "--lr-schedule", "cosine", "--lr", "1e-9"]) == 0
     ema_a, ema_b = load_file(str(a / "ema-last.safetensors")), load_file(str(b / "ema-last.safetensors"))
     assert all(torch.allclose(ema_a[k], ema_b[k], atol=1e-6) for k in ema_a)  # lr ~0: weights kept
+
+
+def test_bf16_autocast_trains_float32_weights(tmp_path):
+    out = tmp_path / "bf16"
+    assert main(ARGS + ["--out", str(out), "--epochs", "0.25", "--autocast", "bf16"]) == 0
+    ckpt = _ckpt(out)
+    assert ckpt["step"] == 2 and json.loads(ckpt["args"])["autocast"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
+    plain = tmp_path / "fp32"
+    assert main(ARGS + ["--out", str(plain), "--epochs", "0.25"]) == 0
+    # the same data and seed in another arithmetic: a close but different loss
+    loss_bf16, loss_fp32 = (json.loads((o / "log.jsonl").read_text().splitlines()[-1])["loss"] for o in (out, plain))
+    assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.01 * loss_fp32

@@ -120,4 +120,4 @@ register_model_config("mar_mnist", dict(img_size=28, vae_stride=1, patch_size=4,
                                         mlp_ratio=4.0, norm_layer="layernorm_eps1e-6", vae_embed_dim=1, class_num=10,
                                         attn_dropout=0.0, proj_dropout=0.0, buffer_size=16, diffloss_d=6, diffloss_w=128,
                                         num_sampling_steps="50", diffusion_batch_mul=2),
-                      sampling=dict(num_iter=16, cfg=3.5, temperature=0.9, clip_denoised=True))  # docs/mnist.md#sampling-defaults
+                      sampling=dict(num_iter=16, cfg=3.0, temperature=0.9, clip_denoised=True))  # docs/mnist.md#sampling-defaults
