@@ -115,6 +115,9 @@ CANDIDATES = {
     "v5c: gtr (12->7)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(12, 7, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
     "v5d: gtr (10->7)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(10, 7, 15, None, "float32", warmup=1, refresh=100, jump=1.5),
     "v5e: gtr (10->8)+fts 10+lazymar(1,inf,jump 1.5) f32": V2(10, 8, 10, None, "float32", warmup=1, refresh=100, jump=1.5),
+    # v6 (run-6 weights): GtR 10/2/1 with a head floor of 10 is the cheapest head budget >= 10x on MAR-H (10.13x)
+    "v6a: gtr 10/2/1 (15->10)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(15, 10, 15, None, "float32", warmup=1, refresh=100,
+                                                                      jump=1.5, rates=(6.4, 32.0, 128.0)),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
