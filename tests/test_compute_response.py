@@ -1,22 +1,15 @@
 """benchmarks/compute_response.py runs end to end on a tiny model, and its pass criterion decides right."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compute_response.py"
+from conftest import load_benchmark, make_tiny
 
 
 @pytest.fixture(scope="module")
 def compute_response():
-    spec = importlib.util.spec_from_file_location("compute_response", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compute_response")
 
 
 def test_end_to_end_on_tiny_model(compute_response, tmp_path):

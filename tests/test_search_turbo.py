@@ -1,27 +1,24 @@
 """benchmarks/search_turbo.py end to end on the shipped mar_mnist (a few samples): one process per seed,
 then the table from both; fidelity for every candidate, judged only where the order is kept."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from hostile import cache_root
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_turbo.py"
+POLICIES = Path(__file__).resolve().parents[1] / "policies"
 
 
 @pytest.fixture(scope="module")
 def search_turbo():
-    spec = importlib.util.spec_from_file_location("search_turbo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_turbo")
 
 
 def test_every_shipped_policy_is_a_candidate(search_turbo):
-    shipped = {p.stem for p in (SCRIPT.parents[1] / "policies").glob("*.yaml")} - {"baseline"}
+    shipped = {p.stem for p in POLICIES.glob("*.yaml")} - {"baseline"}
     assert shipped <= {v for v in search_turbo.CANDIDATES.values() if isinstance(v, str)}
 
 
