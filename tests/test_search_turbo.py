@@ -19,7 +19,11 @@ def search_turbo():
 
 def test_every_shipped_policy_is_a_candidate(search_turbo):
     shipped = {p.stem for p in POLICIES.glob("*.yaml")} - {"baseline"}
-    assert shipped <= {v for v in search_turbo.CANDIDATES.values() if isinstance(v, str)}
+    names = {k.split(" ")[1] for k in search_turbo.CANDIDATES if k.startswith("shipped: ")}
+    assert shipped <= names | {v for v in search_turbo.CANDIDATES.values() if isinstance(v, str)}
+    # DiSA's release fixes 64 AR steps, more than mar_mnist's 49 tokens: it runs at the model's step count
+    disa = search_turbo.as_policy(search_turbo.CANDIDATES["shipped: disa (its 64 AR steps -> the model's)"])
+    assert disa.config.sampler.num_iter is None and disa.plugin_configs[0][1].upper_steps == 50
 
 
 def test_per_seed_processes_then_table(search_turbo, tmp_path):
