@@ -118,6 +118,10 @@ CANDIDATES = {
     # v6 (run-6 weights): GtR 10/2/1 with a head floor of 10 is the cheapest head budget >= 10x on MAR-H (10.13x)
     "v6a: gtr 10/2/1 (15->10)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(15, 10, 15, None, "float32", warmup=1, refresh=100,
                                                                       jump=1.5, rates=(6.4, 32.0, 128.0)),
+    # v7 (session 8): at N = 5000 the v5 family is worse than the baseline; GtR's half-paper head ramp
+    # (25 -> 10) with v5a's stage-jump caches
+    "v7a: gtr (25->10)+fts 25+lazymar(1,inf,jump 1.5) f32": V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5),
+    "v7b: gtr (20->8)+fts 20+lazymar(1,inf,jump 1.5) f32": V2(20, 8, 20, None, "float32", warmup=1, refresh=100, jump=1.5),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/composition_search")
     parser.add_argument("--work", default="runs/composition_search", help="sample shards (resumable)")
     parser.add_argument("--cache-root", help="cache of the reference statistics (as in `marcache eval`)")
-    parser.add_argument("--only", nargs="*", help="candidate names to run besides the baseline, in this order (default: all)")
+    parser.add_argument("--only", nargs="*", help="candidate names to run besides the baseline, in this order (default: "
+                        "all; `--only` with no names: none, only the table of what was scored)")
     args = parser.parse_args(argv)
 
     import torch
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or ()) - set(CANDIDATES))
     if unknown:
         parser.error(f"--only: unknown candidate(s) {unknown}")
-    names = ["baseline"] + [n for n in (args.only or CANDIDATES) if n != "baseline"]  # in the order given
+    names = ["baseline"] + [n for n in (CANDIDATES if args.only is None else args.only) if n != "baseline"]  # in the order given
     for name in names:
         policy = as_policy(CANDIDATES[name])
         for seed in seeds:

@@ -55,6 +55,19 @@ def test_compare_images_on_digits():
     assert set(other["feature_cosine_distance"]) == {"mean", "median", "p95"}
 
 
+def test_per_image_values_do_not_depend_on_the_chunk(monkeypatch):
+    from marcache.evaluation import fidelity
+
+    images, _ = load_mnist("test")
+    a, b = images[:23, :, :, None], images[23:46, :, :, None]
+    whole = fidelity.per_image(a, b)
+    monkeypatch.setattr(fidelity, "CHUNK", 5)  # 23 images: chunks of 5, 5, 5, 5, 3
+    chunked = fidelity.per_image(a, b)
+    for name in ("psnr", "ssim", "feature_cosine_distance"):
+        assert chunked[name].shape == (23,)
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-6, atol=1e-7)
+
+
 def test_cli_against_json_is_strict(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -35,8 +35,9 @@ def test_per_seed_processes_then_table(search_turbo, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(results) == 6  # 3 policies x 2 seeds, neither process lost the other's rows
     shards = sorted((tmp_path / "work").rglob("*.npz"))
-    assert search_turbo.main([*common, "--seeds", "0,1"]) == 0
-    assert sorted((tmp_path / "work").rglob("*.npz")) == shards  # nothing sampled again
+    table_only = [*common[:common.index("--only") + 1], "--seeds", "0,1"]  # `--only` and no names: the table
+    assert search_turbo.main(table_only) == 0
+    assert sorted((tmp_path / "work").rglob("*.npz")) == shards  # nothing sampled again, no other candidate run
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
             (tmp_path / "out" / "pareto.md").read_text().splitlines() if line.startswith("| ")}
     header = rows.pop("policy")

@@ -41,22 +41,35 @@ def summarize(values: np.ndarray, worse: str = "lower") -> dict:
     return {"mean": mean, "median": float(np.median(values)), **tail}
 
 
+#: images compared at once (every metric is per image, so chunks change no value; 5000 at once took 13 GB)
+CHUNK = 500
+
+
 def per_image(images_uint8: np.ndarray, reference_uint8: np.ndarray, classifier=None) -> dict[str, Optional[np.ndarray]]:
     """Per-image PSNR, SSIM and classifier-feature cosine distance of ``images`` against ``reference``."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     if images_uint8.shape != reference_uint8.shape:
         raise ValueError(f"fidelity needs images of one shape, got {images_uint8.shape} and {reference_uint8.shape}")
+    if images_uint8.shape[1:] == (28, 28, 1) and classifier is None:
+        from .classifier import load_classifier
+
+        classifier = load_classifier()
+    chunks = [_per_image_chunk(images_uint8[i:i + CHUNK], reference_uint8[i:i + CHUNK], classifier)
+              for i in range(0, len(images_uint8), CHUNK)]
+    return {name: None if chunks[0][name] is None else np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def _per_image_chunk(images_uint8: np.ndarray, reference_uint8: np.ndarray, classifier) -> dict[str, Optional[np.ndarray]]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     a, b = _to_float(images_uint8), _to_float(reference_uint8)
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
     out = {"psnr": psnr.numpy(), "ssim": ssim.numpy(), "feature_cosine_distance": None}
     if images_uint8.shape[1:] == (28, 28, 1):
-        from .classifier import load_classifier, predict
+        from .classifier import predict
 
-        net = classifier or load_classifier()
-        fa, _ = predict(net, images_uint8[..., 0])
-        fb, _ = predict(net, reference_uint8[..., 0])
+        fa, _ = predict(classifier, images_uint8[..., 0])
+        fb, _ = predict(classifier, reference_uint8[..., 0])
         out["feature_cosine_distance"] = (1.0 - torch.nn.functional.cosine_similarity(fa, fb, dim=1)).clamp_min(0).numpy()
     return out
 
