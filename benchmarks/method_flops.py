@@ -27,7 +27,8 @@ ROWS = {
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
         {"name": "lazymar_cond_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
         {"name": "drift_refresh"}],
-    "turbo (v3: 12/3/1, head 15->5, FTS 15, LazyMAR f32 (1, 7), DiSA 15->5)": "turbo",
+    "turbo (v4: 12/3/1, head 25->10, FTS 25, LazyMAR f32 (1, refreshed at stage jumps))": "turbo",
+    "turbo_v3 (12/3/1, head 15->5, FTS 15, LazyMAR f32 (1, 7), DiSA 15->5)": "turbo_v3",
     "turbo_v2 (12/3/1, head 15->4, FTS 15, LazyMAR (2, 7), DiSA 15->3)": "turbo_v2",
     "turbo v2b candidate (head 20->5, FTS 20, DiSA 20->4)": [
         {"name": "gtr_order"},

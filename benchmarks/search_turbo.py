@@ -39,7 +39,7 @@ GTR_HALF = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": 
 
 def V2(head_max, head_min, detail, disa, cache_dtype="float16", warmup=2, refresh=7, rates=(5.3334, 21.3334, 128.0),
        caches=("token", "cond"), jump=None):
-    """turbo v2/v3/v4 family: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
+    """turbo v2-v4 and the search rows v2-v7: GtR (default rates: 12/3/1 steps on 16x16, 3/1/1 on 7x7) with its head ramp, FTS,
     LazyMAR's feature caches (``warmup`` steps, refreshed every ``refresh``, stored as ``cache_dtype``), and
     DiSA's annealed cap (``disa=None``: no DiSA; ``caches``: which LazyMAR caches; ``jump``: their
     ``jump_refresh``)."""
@@ -96,7 +96,7 @@ CANDIDATES = {
     "v3c: gtr (20->6)+fts 20+lazymar(2,7) f32+disa 20->6": V2(20, 6, 20, (20, 6), "float32"),
     "v3d: gtr (25->8)+fts 25+lazymar(2,7) f32+disa 25->8": V2(25, 8, 25, (25, 8), "float32"),
     "v3f: gtr (15->6)+fts 15+lazymar(1,7) f32+disa 15->6": V2(15, 6, 15, (15, 6), "float32", warmup=1),
-    "turbo (policies/turbo.yaml)": "turbo",  # v3: V2(15, 5, 15, (15, 5), "float32", warmup=1), called v3e in docs
+    "turbo v3 (policies/turbo_v3.yaml)": "turbo_v3",  # V2(15, 5, 15, (15, 5), "float32", warmup=1), v3e in docs
     # v4 family (run-4 weights): head floors of 8-10 (5 head steps cost ~12 FID on the run-4 model,
     # docs/compute_response), paid for by a longer cache refresh (9) or fewer GtR steps; all >= 10x on MAR-H
     "v4a: gtr (12->8)+fts 15+lazymar(1,9) f32": V2(12, 8, 15, None, "float32", warmup=1, refresh=9),
@@ -118,9 +118,9 @@ CANDIDATES = {
     # v6 (run-6 weights): GtR 10/2/1 with a head floor of 10 is the cheapest head budget >= 10x on MAR-H (10.13x)
     "v6a: gtr 10/2/1 (15->10)+fts 15+lazymar(1,inf,jump 1.5) f32": V2(15, 10, 15, None, "float32", warmup=1, refresh=100,
                                                                       jump=1.5, rates=(6.4, 32.0, 128.0)),
-    # v7 (session 8): at N = 5000 the v5 family is worse than the baseline; GtR's half-paper head ramp
-    # (25 -> 10) with v5a's stage-jump caches
-    "v7a: gtr (25->10)+fts 25+lazymar(1,inf,jump 1.5) f32": V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5),
+    # v7 (run-6 weights, N = 5000): the v5 family loses FID there; GtR's half-paper head ramp (25 -> 10) with
+    # v5a's stage-jump caches. v7a = V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5) is turbo v4.
+    "turbo (policies/turbo.yaml)": "turbo",
     "v7b: gtr (20->8)+fts 20+lazymar(1,inf,jump 1.5) f32": V2(20, 8, 20, None, "float32", warmup=1, refresh=100, jump=1.5),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
