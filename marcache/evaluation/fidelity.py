@@ -41,7 +41,8 @@ def summarize(values: np.ndarray, worse: str = "lower") -> dict:
     return {"mean": mean, "median": float(np.median(values)), **tail}
 
 
-#: images compared at once (every metric is per image, so chunks change no value; 5000 at once took 13 GB)
+#: images compared at once (every metric is per image, so chunks change no value); comparing 5000 MNIST
+#: images at once peaked at 19.5 GB of RSS, in chunks of 500 at 2.8 GB
 CHUNK = 500
 
 
