@@ -45,4 +45,6 @@ def test_per_seed_processes_then_table(search_turbo, tmp_path):
     assert rows["shipped: recap"][col["same order"]] == "yes"
     assert rows["shipped: halton"][col["same order"]] == "no"
     for name in ("shipped: recap", "shipped: halton"):
+        value, verdict = rows[name][col["recall"]].split(" ")
+        assert 0 <= float(value) <= 1 and verdict in ("tie", "better", "worse")
         assert float(rows[name][col["PSNR"]]) > 0 and 0 < float(rows[name][col["SSIM"]]) <= 1
