@@ -85,13 +85,16 @@ def test_seed_spread_and_tie_verdict():
     from marcache.evaluation.spread import combine_seeds, judge
 
     base = {"model": "m", "policy": {"name": "p"}, "num_samples": 10}
-    results = [dict(base, seed=0, fid=10.0, class_accuracy=0.9, against_metrics={"fid": 10.5}),
-               dict(base, seed=1, fid=12.0, class_accuracy=0.8, against_metrics={"fid": 11.0})]
+    results = [dict(base, seed=0, fid=10.0, recall=0.50, class_accuracy=0.9, against_metrics={"fid": 10.5, "recall": 0.65}),
+               dict(base, seed=1, fid=12.0, recall=0.52, class_accuracy=0.8, against_metrics={"fid": 11.0, "recall": 0.64})]
     combined = combine_seeds(results)
     assert combined["seeds"] == [0, 1] and combined["fid"] == 11.0 and combined["fid_spread"] == 2.0
     assert combined["fid_per_seed"] == [10.0, 12.0]
     assert combined["class_accuracy_spread"] == pytest.approx(0.1)
     assert combined["comparison"] == {"fid_difference": 0.25, "spread": 2.0, "verdict": "tie"}
+    # FID ties, recall drops by far more than its spread (0.02): judged on its own
+    assert combined["recall_comparison"]["verdict"] == "worse"
+    assert combined["recall_comparison"]["recall_difference"] == pytest.approx(-0.135)
     assert judge(15.0, 10.0, 2.0) == "worse" and judge(5.0, 10.0, 2.0) == "better"
     assert judge(0.99, 0.9, 0.01, higher_is_better=True) == "better" and judge(1.0, 2.0, None) is None
 

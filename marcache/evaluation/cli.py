@@ -109,10 +109,11 @@ def run(args) -> int:
         spread = result.get(f"{k}_spread")
         print(f"  {k:<{width}}  {_fmt(result.get(k))}" + (
             f"  (spread {_fmt(spread)}; per seed {', '.join(map(_fmt, result[k + '_per_seed']))})" if spread is not None else ""))
-    comparison = result.get("comparison")
-    if comparison:
-        print(f"FID vs {result['against'].get('name')}: {_fmt(comparison['fid_difference'])} "
-              f"(seed spread {_fmt(comparison['spread'])}): {comparison['verdict']}")
+    for key, metric, title in (("comparison", "fid", "FID"), ("recall_comparison", "recall", "recall")):
+        comparison = result.get(key)
+        if comparison:
+            print(f"{title} vs {result['against'].get('name')}: {_fmt(comparison[metric + '_difference'])} "
+                  f"(seed spread {_fmt(comparison['spread'])}): {comparison['verdict']}")
     for fidelity in result.get("fidelity_per_seed") or [result.get("fidelity")]:
         if not fidelity:
             continue

@@ -60,7 +60,8 @@ def combine_seeds(results: Sequence[dict]) -> dict:
 
     Speed fields are averaged too. With ``--against``, ``against_metrics`` is merged the same way and
     ``comparison`` holds the FID difference to the reference policy, the spread it is judged against
-    (the larger of the two policies' seed spreads) and the verdict (tie / better / worse).
+    (the larger of the two policies' seed spreads) and the verdict (tie / better / worse);
+    ``recall_comparison`` the same for recall (higher is better).
     """
     combined = dict(results[0])
     combined.pop("fidelity", None)
@@ -75,8 +76,10 @@ def combine_seeds(results: Sequence[dict]) -> dict:
     if all(r.get("against_metrics") for r in results):
         against = merge([r["against_metrics"] for r in results])
         combined["against_metrics"] = against
-        if "fid" in against and "fid" in combined:
-            spread = max(combined["fid_spread"], against["fid_spread"])
-            combined["comparison"] = {"fid_difference": combined["fid"] - against["fid"], "spread": spread,
-                                      "verdict": judge(combined["fid"], against["fid"], spread)}
+        # FID can tie while diversity drops, so recall gets its own verdict ("recall_comparison")
+        for key, name, higher in (("fid", "comparison", False), ("recall", "recall_comparison", True)):
+            if key in against and key in combined:
+                spread = max(combined[f"{key}_spread"], against[f"{key}_spread"])
+                combined[name] = {f"{key}_difference": combined[key] - against[key], "spread": spread,
+                                  "verdict": judge(combined[key], against[key], spread, higher)}
     return combined
