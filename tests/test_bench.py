@@ -96,7 +96,7 @@ def test_eval_rows_and_fid_plot(model, policies, monkeypatch, tmp_path):
 
     def fake_evaluate(model_, policy, num_samples, seed, batch_size):
         calls.append((policy.config.sampler.num_iter, num_samples, seed, batch_size))
-        return {"fid": 10.0 + len(calls), "class_accuracy": 0.9}
+        return {"fid": 10.0 + len(calls), "recall": 0.6 if len(calls) < 5 else 0.4 + 0.001 * len(calls), "class_accuracy": 0.9}
 
     monkeypatch.setitem(sys.modules, "marcache.evaluation", types.SimpleNamespace(evaluate=fake_evaluate))
     report = run_bench(model, _config([policies[0]], eval=True, match=("ar",), repeats=1), log=lambda *a: None)
@@ -106,6 +106,8 @@ def test_eval_rows_and_fid_plot(model, policies, monkeypatch, tmp_path):
     assert [r["fid"] for r in rows] == [11.5, 13.5, 15.5] and all(r["fid_spread"] == 1.0 for r in rows)
     # the baseline ties itself; the others are further from it than the seed spread
     assert [r["vs_baseline"] for r in rows] == ["tie", "worse", "worse"]
+    # recall has its own spread (0 for the first two rows, 0.001 for the last): equal recall ties, 0.2 less is worse
+    assert [r["recall_vs_baseline"] for r in rows] == ["tie", "tie", "worse"]
     assert "FID" in format_table(report) and "worse" in format_table(report)
     path = plot(report, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ def format_table(report: dict) -> str:
     has_eval = any(r["eval"] for r in report["rows"])
     head = f"{'row':<36}{'steps':>9}{'median s':>10}{'spread':>8}{'img/s':>9}{'speedup':>9}{'TFLOP/img':>11}{'FLOPs x':>9}{'GFLOP/s':>9}{'peak MiB':>10}"
     if has_eval:
-        head += f"{'FID':>8}{'±':>6}{'vs base':>8}{'acc':>7}"
+        head += f"{'FID':>8}{'±':>6}{'vs base':>8}{'recall':>8}{'vs base':>8}{'acc':>7}"
     lines = [f"{report['model']} on {report['device']} ({report['device_name']}), batch {report['batch_size']}, "
              f"{report['num_images']} images, {report['warmup']} warm-up + {report['repeats']} interleaved repeats; "
              f"matmul {report['matmul_gflops']:.1f} GFLOP/s ({report['matmul_dtype']})", head]
@@ -22,16 +22,18 @@ def format_table(report: dict) -> str:
                 f"{(r['peak_memory_bytes'] or 0) / 2**20:>10.0f}")
         if has_eval:
             e = r["eval"] or {}
-            fid, acc = e.get("fid"), e.get("class_accuracy")
+            fid, recall, acc = e.get("fid"), e.get("recall"), e.get("class_accuracy")
             line += f"{fid:>8.2f}" if fid is not None else f"{'-':>8}"
             spread = e.get("fid_spread")
             line += f"{spread:>6.2f}" if spread is not None else f"{'-':>6}"
             line += f"{e.get('vs_baseline') or '-':>8}"
+            line += f"{recall:>8.3f}" if recall is not None else f"{'-':>8}"
+            line += f"{e.get('recall_vs_baseline') or '-':>8}"
             line += f"{acc:>7.3f}" if acc is not None else f"{'-':>7}"
         lines.append(line)
     lines.append("steps = executed AR steps / mean head steps per token; speedup = baseline median / row median; FLOPs x = baseline FLOPs / row FLOPs; "
                  "spread = (max - min) / median; ± = FID seed spread (max - min over --eval-seeds), vs base = tie when the FID "
-                 "difference is within the larger spread; " + report["peak_memory_kind"])
+                 "(recall) difference is within the larger FID (recall) seed spread; " + report["peak_memory_kind"])
     return "\n".join(lines)
 
 
