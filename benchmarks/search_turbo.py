@@ -124,6 +124,9 @@ CANDIDATES = {
     # v5a's stage-jump caches. v7a = V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5) is turbo v4.
     "turbo (policies/turbo.yaml)": "turbo",
     "v7b: gtr (20->8)+fts 20+lazymar(1,inf,jump 1.5) f32": V2(20, 8, 20, None, "float32", warmup=1, refresh=100, jump=1.5),
+    # can a higher temperature give back the recall GtR's order costs? (mar_mnist's default is 0.9)
+    "turbo @ temperature 1.0": {"sampler": {"temperature": 1.0},
+                                "plugins": V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5)},
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
