@@ -82,6 +82,7 @@ CANDIDATES = {
     "disa 50->5": [{"name": "disa", "params": {"upper_steps": 50, "lower_steps": 5}}],
     "disa 25->5": [{"name": "disa", "params": {"upper_steps": 25, "lower_steps": 5}}],
     "halton": [{"name": "halton_order"}],
+    "halton (roll)": [{"name": "halton_order", "params": {"roll": True}}],
     "lazymar feats (5,9)": LAZY,
     "lazymar feats (5,inf)+drift 0.3": [
         {"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 1000}},
