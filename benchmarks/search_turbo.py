@@ -29,8 +29,9 @@ from pathlib import Path
 #: samples per shard file under --work
 SHARD_SIZE = 500
 
-#: candidate compositions (policy mappings). Parameters are chosen for mar_mnist's 16 steps x 50
-#: head steps; GtR's rates give 3 / 1 / 1 steps on its 7x7 grid.
+#: candidate compositions: a plugin list, a policy mapping, a shipped policy's name, or (name, sampler
+#: settings to change) (``as_policy``). Parameters are chosen for mar_mnist's 16 steps x 50 head steps;
+#: GtR's rates give 3 / 1 / 1 steps on its 7x7 grid.
 GTR = [{"name": "gtr_order"}, {"name": "gtr_schedule", "params": {"rates": [4.6, 16.0, 128.0]}}]
 FTS = [{"name": "fts"}]
 LAZY = [{"name": "lazymar_token_cache", "params": {"warmup_steps": 5, "refresh_interval": 9}},
@@ -126,8 +127,7 @@ CANDIDATES = {
     "turbo (policies/turbo.yaml)": "turbo",
     "v7b: gtr (20->8)+fts 20+lazymar(1,inf,jump 1.5) f32": V2(20, 8, 20, None, "float32", warmup=1, refresh=100, jump=1.5),
     # can a higher temperature give back the recall GtR's order costs? (mar_mnist's default is 0.9)
-    "turbo @ temperature 1.0": {"sampler": {"temperature": 1.0},
-                                "plugins": V2(25, 10, 25, None, "float32", warmup=1, refresh=100, jump=1.5)},
+    "turbo @ temperature 1.0": ("turbo", {"temperature": 1.0}),
     # ReCAP's claim is quality at equal cost: both at several step counts
     "baseline @8 steps": {"sampler": {"num_iter": 8}, "plugins": []},
     "baseline @24 steps": {"sampler": {"num_iter": 24}, "plugins": []},
@@ -148,13 +148,11 @@ def _add_shipped_policies() -> None:
     for name in list_shipped_policies():
         if name in named | {"baseline"}:
             continue
-        raw = load_policy(name).to_dict()
-        steps = raw["sampler"]["num_iter"]
+        steps = load_policy(name).config.sampler.num_iter
         if steps is None:
             CANDIDATES[f"shipped: {name}"] = name
         else:
-            raw["sampler"]["num_iter"] = None
-            CANDIDATES[f"shipped: {name} (its {steps} AR steps -> the model's)"] = raw
+            CANDIDATES[f"shipped: {name} (its {steps} AR steps -> the model's)"] = (name, {"num_iter": None})
 
 
 _add_shipped_policies()
@@ -165,6 +163,11 @@ def as_policy(entry):
 
     if isinstance(entry, str):
         return load_policy(entry)
+    if isinstance(entry, tuple):  # (shipped policy, sampler settings to change)
+        name, sampler = entry
+        raw = load_policy(name).to_dict()
+        raw["sampler"].update(sampler)
+        return resolve_policy(raw, source="search")
     raw = entry if isinstance(entry, dict) else {"plugins": entry}
     return resolve_policy(raw, source="search")
 
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
     from marcache.evaluation import evaluate, sharded
     from marcache.evaluation.fidelity import compare_images
     from marcache.evaluation.runner import model_fingerprint
-    from marcache.evaluation.spread import combine_seeds, judge, parse_seeds
+    from marcache.evaluation.spread import combine_seeds, compare, parse_seeds
     from marcache.flops import policy_flops
     from marcache.models import meta_model
 
@@ -283,10 +286,9 @@ def main(argv=None) -> int:
     lines = ["| policy | GFLOP/image | FLOPs ratio | FID (mean) | FID per seed | vs baseline | precision | recall "
              "| class acc. | same order | PSNR | SSIM | feature dist. | Pareto |", "|" + "---|" * 14]
     for r, best in sorted(zip(rows, flags), key=lambda x: x[0]["tflops"]):
-        verdict = "" if r is base else judge(r["fid"], base["fid"], max(r["fid_spread"], base["fid_spread"]))
+        verdict = "" if r is base else compare(r, base, "fid")["verdict"]
         # FID can tie while diversity drops (GtR's order trades recall for precision): recall is judged too
-        recall = f"{r['recall']:.3f}" + ("" if r is base else " " + judge(
-            r["recall"], base["recall"], max(r["recall_spread"], base["recall_spread"]), higher_is_better=True))
+        recall = f"{r['recall']:.3f}" + ("" if r is base else " " + compare(r, base, "recall")["verdict"])
         lines.append(
             f"| {r['name']} | {r['tflops'] * 1e3:.3f} | {base['tflops'] / r['tflops']:.2f}x | {r['fid']:.2f} | "
             f"{' / '.join(f'{v:.2f}' for v in r['fid_per_seed'])} | {verdict} | {r['precision']:.3f} | "

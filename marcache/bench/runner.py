@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from marcache.errors import ConfigError
-from marcache.evaluation.spread import combine_seeds, judge
+from marcache.evaluation.spread import combine_seeds, compare
 
 from .config import BenchConfig
 from .matching import StepGrid
@@ -146,12 +146,10 @@ def run_bench(model, config: BenchConfig, log=print) -> dict:
             row.eval = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
         base = rows[0].eval
         for row in rows:  # a difference within either row's seed spread is a tie; recall is judged on its own
-            for metric, key, higher in (("fid", "vs_baseline", False), ("recall", "recall_vs_baseline", True)):
-                if row.eval.get(metric) is None or base.get(metric) is None:
-                    continue
-                spread = (max(row.eval.get(f"{metric}_spread", 0.0), base.get(f"{metric}_spread", 0.0))
-                          if len(config.eval_seeds) > 1 else None)
-                row.eval[key] = judge(row.eval[metric], base[metric], spread, higher)
+            for metric, key in (("fid", "vs_baseline"), ("recall", "recall_vs_baseline")):
+                comparison = compare(row.eval, base, metric)
+                if comparison:
+                    row.eval[key] = comparison["verdict"]
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[baseline.config.backend.dtype]
     if device.type == "cpu":

@@ -55,6 +55,18 @@ def judge(value: float, reference: float, spread: Optional[float], higher_is_bet
     return "better" if (diff > 0) == higher_is_better else "worse"
 
 
+def compare(result: dict, reference: dict, metric: str) -> Optional[dict]:
+    """``metric`` of ``result`` against ``reference``: ``{"<metric>_difference", "spread", "verdict"}``, judged
+    against the larger of the two seed spreads (``<metric>_spread``; verdict None when either has none).
+    None when either result lacks the metric."""
+    if result.get(metric) is None or reference.get(metric) is None:
+        return None
+    spreads = [r.get(f"{metric}_spread") for r in (result, reference)]
+    spread = None if None in spreads else max(spreads)
+    return {f"{metric}_difference": result[metric] - reference[metric], "spread": spread,
+            "verdict": judge(result[metric], reference[metric], spread, METRICS[metric])}
+
+
 def combine_seeds(results: Sequence[dict]) -> dict:
     """One result from per-seed results of ``evaluate`` (same policy, N, settings; different seeds).
 
@@ -77,9 +89,8 @@ def combine_seeds(results: Sequence[dict]) -> dict:
         against = merge([r["against_metrics"] for r in results])
         combined["against_metrics"] = against
         # FID can tie while diversity drops, so recall gets its own verdict ("recall_comparison")
-        for key, name, higher in (("fid", "comparison", False), ("recall", "recall_comparison", True)):
-            if key in against and key in combined:
-                spread = max(combined[f"{key}_spread"], against[f"{key}_spread"])
-                combined[name] = {f"{key}_difference": combined[key] - against[key], "spread": spread,
-                                  "verdict": judge(combined[key], against[key], spread, higher)}
+        for metric, name in (("fid", "comparison"), ("recall", "recall_comparison")):
+            comparison = compare(combined, against, metric)
+            if comparison:
+                combined[name] = comparison
     return combined
