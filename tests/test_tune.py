@@ -253,8 +253,8 @@ def test_unmet_budget_exits_2_with_the_closest_point(tmp_path, space_file, capsy
     assert err.count("\n") == 0 and "no trial meets --max-quality-drop 0 after 3 trials" in err and ", quality drop 0." in err
 
 
-def _spawn(out, space, n, log):
-    cmd = [sys.executable, "-m", "marcache.cli", *tune_args(out, space, "--n-trials", str(n))]
+def _spawn(out, space, n, log, *extra):
+    cmd = [sys.executable, "-m", "marcache.cli", *tune_args(out, space, "--n-trials", str(n), *extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -278,22 +278,26 @@ def test_kill_and_rerun_continues_the_study(tmp_path, space_file):
     procs = []
     try:
         with open(tmp_path / "log1", "w") as log:
-            procs.append(_spawn(out, space_file, 4, log))
+            # asks for more trials than it can finish before the kill (a fast machine finished a
+            # 4-trial study between the poll and the signal), so the rerun always has work left
+            procs.append(_spawn(out, space_file, 50, log))
             _wait_finished(out, 1, procs[0], log)
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait()
-        before = {t.number: t.values for t in finished(load_study(out)) if t.values}
+        first = finished(load_study(out))
+        before = {t.number: t.values for t in first if t.values}
+        target = len(first) + 2
         baseline_file = next((out / "calibration").iterdir())
         stamp = baseline_file.stat().st_mtime_ns
         with open(tmp_path / "log2", "w") as log:
-            procs.append(_spawn(out, space_file, 4, log))
+            procs.append(_spawn(out, space_file, target, log))
             assert procs[1].wait(timeout=400) == 0, (tmp_path / "log2").read_text()[-2000:]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     study = load_study(out)
-    assert len(finished(study)) == 4
+    assert len(finished(study)) == target
     after = {t.number: t.values for t in finished(study) if t.values}
     assert all(after[n] == v for n, v in before.items())  # nothing measured twice
     assert baseline_file.stat().st_mtime_ns == stamp  # the baseline's calibration images were reused
@@ -306,7 +310,9 @@ def test_two_workers_share_one_sqlite_storage(tmp_path, space_file):
     logs = [open(tmp_path / f"log{i}", "w") for i in range(2)]
     procs = []
     try:
-        procs = [_spawn(out, space_file, 6, log) for log in logs]
+        # trials of ~1 s (32 calibration images), long beside the workers' start-up skew: with 0.1 s
+        # trials one worker could finish the whole study before the other began
+        procs = [_spawn(out, space_file, 6, log, "--calibration-samples", "32") for log in logs]
         codes = [p.wait(timeout=400) for p in procs]
     finally:
         for proc in procs:
