@@ -310,8 +310,8 @@ def test_two_workers_share_one_sqlite_storage(tmp_path, space_file):
     logs = [open(tmp_path / f"log{i}", "w") for i in range(2)]
     procs = []
     try:
-        # trials of ~1 s (32 calibration images), long beside the workers' start-up skew: with 0.1 s
-        # trials one worker could finish the whole study before the other began
+        # trials of ~0.3 s (32 calibration images) instead of 0.1 s, long beside the workers' start-up
+        # skew, so one worker does not finish the whole study before the other begins
         procs = [_spawn(out, space_file, 6, log, "--calibration-samples", "32") for log in logs]
         codes = [p.wait(timeout=400) for p in procs]
     finally:

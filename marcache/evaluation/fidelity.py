@@ -50,10 +50,12 @@ def per_image(images_uint8: np.ndarray, reference_uint8: np.ndarray, classifier=
     """Per-image PSNR, SSIM and classifier-feature cosine distance of ``images`` against ``reference``."""
     if images_uint8.shape != reference_uint8.shape:
         raise ValueError(f"fidelity needs images of one shape, got {images_uint8.shape} and {reference_uint8.shape}")
-    if images_uint8.shape[1:] == (28, 28, 1) and classifier is None:
+    if images_uint8.shape[1:] == (28, 28, 1):  # MNIST digits: also the classifier's feature distance
         from .classifier import load_classifier
 
-        classifier = load_classifier()
+        classifier = classifier or load_classifier()
+    else:
+        classifier = None
     chunks = [_per_image_chunk(images_uint8[i:i + CHUNK], reference_uint8[i:i + CHUNK], classifier)
               for i in range(0, len(images_uint8), CHUNK)]
     return {name: None if chunks[0][name] is None else np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
@@ -66,7 +68,7 @@ def _per_image_chunk(images_uint8: np.ndarray, reference_uint8: np.ndarray, clas
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
     out = {"psnr": psnr.numpy(), "ssim": ssim.numpy(), "feature_cosine_distance": None}
-    if images_uint8.shape[1:] == (28, 28, 1):
+    if classifier is not None:
         from .classifier import predict
 
         fa, _ = predict(classifier, images_uint8[..., 0])
